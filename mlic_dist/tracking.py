@@ -1,0 +1,157 @@
+"""The one place that talks to MLflow. Rank 0 only; a tracking failure never stops training.
+
+`Tracker(cfg.tracking, run_dir, active=is_rank0)`:
+  - `tracking.enabled=false` or a non-zero rank: every call is a no-op.
+  - `tracking.uri=null`: the embedded local store, MLflow 3's SQLite file `mlflow.db` in the
+    working directory (the file store is deprecated), artifacts in `./mlartifacts`.
+  - A server that is down or errors: one warning, then calls are skipped for `retry_s` seconds
+    before the next attempt. The run directory always holds everything (history.jsonl,
+    metrics.json, scores), so nothing is lost.
+MLflow is imported lazily so a trainer without it runs with tracking off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+from .config import TrackingConfig
+
+# Fail fast on a dead server: MLflow's HTTP client otherwise retries with backoff for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def default_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def ensure_experiment(client, name: str) -> str:
+    """Experiment id for `name`, creating it (with artifacts beside a local store) if needed."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    uri = client.tracking_uri if hasattr(client, "tracking_uri") else ""
+    if str(uri).startswith("sqlite:///"):
+        db = Path(str(uri)[len("sqlite:///"):])
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool = True,
+                 retry_s: float = 60.0):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.active = active and cfg.enabled
+        self.retry_s = retry_s
+        self.client = None
+        self.run_id: str | None = None
+        self._down_since: float | None = None
+        self._warned = False
+
+    # ------------------------------------------------------------------ guarded calls
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.active:
+            return None
+        if self._down_since is not None and time.time() - self._down_since < self.retry_s:
+            return None
+        try:
+            out = fn(*args, **kwargs)
+            if self._down_since is not None:
+                warnings.warn(f"MLflow tracking is back; calls skipped while it was down are in {self.run_dir}")
+            self._down_since = None
+            return out
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            self._down_since = time.time()
+            if not self._warned:
+                warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on, "
+                              f"everything is kept in {self.run_dir}", stacklevel=3)
+                self._warned = True
+            return None
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    def start(self, params: dict, resume_run_id: str | None = None, tags: dict | None = None) -> str | None:
+        """Open (or re-open, after a resume) the run; returns its id."""
+        if not self.active:
+            return None
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            warnings.warn("mlflow is not installed: tracking is off")
+            self.active = False
+            return None
+        self.client = MlflowClient(tracking_uri=resolve_uri(self.cfg.uri))
+
+        def _start():
+            if resume_run_id:
+                self.client.update_run(resume_run_id, status="RUNNING")
+                return resume_run_id
+            exp_id = ensure_experiment(self.client, self.cfg.experiment)
+            all_tags = {"mlflow.runName": self.cfg.run_name or self.run_dir.name,
+                        "run_dir": str(self.run_dir.resolve())}
+            if self.cfg.parent_run_id:
+                all_tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+            all_tags.update(tags or {})
+            run = self.client.create_run(exp_id, tags=all_tags)
+            return run.info.run_id
+
+        self.run_id = self._call("start_run", _start)
+        if self.run_id and not resume_run_id:
+            self.log_params(params)
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the REST API takes at most 100 params a batch
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.active or not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k.replace("@", "_at_"), float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]  # NaN never reaches the store
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict) -> None:
+        if not self.active or not self.run_id:
+            return
+        for k, v in tags.items():
+            self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        if not self.active or not self.run_id or not self.cfg.log_artifacts:
+            return
+        for p in paths:
+            if Path(p).is_file():
+                self._call("log_artifact", self.client.log_artifact, self.run_id, str(p))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id:
+            self._call("end_run", self.client.set_terminated, self.run_id, status)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """The run directory's own record (kept whether or not MLflow is reachable)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

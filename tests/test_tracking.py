@@ -1,0 +1,69 @@
+"""Tracking against a real MLflow SQLite store, and a dead server that must not stop training."""
+import socket
+import time
+import warnings
+
+import pytest
+
+from mlic_dist.config import TrackingConfig
+from mlic_dist.tracking import Tracker
+
+
+def test_run_params_metrics_artifacts_in_a_real_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"mAP": 0.5}')
+    t = Tracker(TrackingConfig(uri=uri, experiment="t"), run_dir)
+    run_id = t.start({"data.size": 448, "model.backbone": "resnet101"}, tags={"augment": "M2"})
+    for step in range(3):
+        t.log_metrics({"val_mAP": 0.1 * step, "skipped": None, "nan": float("nan")}, step=step)
+    t.log_artifacts([run_dir / "metrics.json", run_dir / "absent.json"])
+    t.finish()
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"data.size": "448", "model.backbone": "resnet101"}
+    assert run.data.tags["augment"] == "M2" and run.data.tags["mlflow.runName"] == "run"
+    assert [m.value for m in client.get_metric_history(run_id, "val_mAP")] == pytest.approx([0, 0.1, 0.2])
+    assert "nan" not in run.data.metrics and run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+
+    # a resumed run re-opens the same MLflow run instead of starting a new one
+    t2 = Tracker(TrackingConfig(uri=uri, experiment="t"), run_dir)
+    assert t2.start({}, resume_run_id=run_id) == run_id
+    t2.log_metrics({"val_mAP": 0.3}, step=3)
+    t2.finish()
+    assert len(client.get_metric_history(run_id, "val_mAP")) == 4
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_dead_server_warns_once_and_never_raises(tmp_path):
+    t = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}", experiment="x"), tmp_path)
+    start = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert t.start({"a": 1}) is None
+        for step in range(50):
+            t.log_metrics({"loss": 1.0}, step=step)
+        t.finish()
+    assert time.time() - start < 60
+    assert sum("MLflow" in str(w.message) for w in caught) == 1
+
+
+def test_disabled_and_non_main_rank_do_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Tracker(TrackingConfig(enabled=False), tmp_path).start({"a": 1}) is None
+    assert Tracker(TrackingConfig(), tmp_path, active=False).start({"a": 1}) is None
+    assert not (tmp_path / "mlflow.db").exists()
