@@ -1,0 +1,79 @@
+"""Turn a multi-label dataset (VOC, COCO, NUS-WIDE, CSV) into indexed WebDataset shards.
+
+CPU only (no GPU involved); 2 processes shown, any N gives byte-identical tars:
+    python -m mlic_dist.shard voc     VOCdevkit/VOC2007 --out shards/voc2007 --workers 2
+    python -m mlic_dist.shard coco    coco --split train=annotations/instances_train2014.json \\
+        --split test=annotations/instances_val2014.json --out shards/coco2014
+    python -m mlic_dist.shard nuswide NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
+    python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine
+Python: `shard("csv", "labels.csv", "out/", images="photos/", workers=2)` returns the manifest.
+
+Output: docs/contracts.md "Shards". Datasets without a val split get one carved from train
+(iterative stratification, --val-fraction, --seed); test is never touched for model selection.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .sources import SourceDataset, SourceError, read_source
+from .split import carve_val, distribution_report
+from .writer import ShardError, ShardOptions, options_dict, summary, write_shards
+
+__all__ = ["shard", "ShardError", "SourceError", "ShardOptions", "read_source", "write_shards",
+           "carve_val_split"]
+
+
+def carve_val_split(ds: SourceDataset, fraction: float, seed: int) -> Optional[dict]:
+    """Move a stratified `fraction` of train to val when the source has no val; return the report."""
+    if "val" in ds.splits_present:
+        return None
+    train = [r for r in ds.records if r.split == "train"]
+    if not train:
+        raise SourceError(f"{ds.root}: no train samples to carve a validation split from")
+    labels = np.stack([r.labels for r in train])
+    train_idx, val_idx = carve_val(labels, fraction, seed)
+    for i in val_idx:
+        train[i].split = "val"
+    report = {"from": "train", "fraction": fraction, "seed": seed}
+    report.update(distribution_report(ds.classes, labels[train_idx], labels[val_idx]))
+    return report
+
+
+def shard(kind: str, root, out, *, splits: Optional[dict] = None,
+          images_dir: Optional[dict] = None, images=None, path_column: Optional[str] = None,
+          classes_file=None, keep_empty: bool = False, val_fraction: float = 0.1, seed: int = 0,
+          shard_size_mb: float = 256.0, samples_per_shard: int = 0, max_side: int = 0,
+          quality: int = 90, workers: int = 1, max_reject_fraction: float = 0.05,
+          overwrite: bool = False, progress: bool = True, verbose: bool = True,
+          args: Optional[dict] = None) -> dict:
+    """Read `root` as `kind`, carve val if needed, write shards to `out`; return the manifest.
+
+    `args` is recorded in the manifest (the CLI passes its parsed arguments); by default the
+    keyword arguments of this call are recorded.
+    """
+    opts = ShardOptions(out=Path(out), shard_size_mb=shard_size_mb,
+                        samples_per_shard=samples_per_shard, max_side=max_side, quality=quality,
+                        workers=workers, max_reject_fraction=max_reject_fraction, seed=seed,
+                        overwrite=overwrite, progress=progress)
+    if Path(out).exists() and not overwrite:  # fail before reading a large dataset
+        raise ShardError(f"output directory {out} already exists; pass --overwrite to replace it "
+                         "or choose another --out")
+    classes = None
+    if classes_file is not None:
+        classes = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()]
+    ds = read_source(kind, Path(root), splits=splits, images_dir=images_dir, images=images,
+                     path_column=path_column, classes=classes, keep_empty=keep_empty)
+    carved = carve_val_split(ds, val_fraction, seed)
+    if args is None:
+        args = {"kind": kind, "root": str(root), "splits": splits, "images_dir": images_dir,
+                "images": None if images is None else str(images), "path_column": path_column,
+                "classes_file": None if classes_file is None else str(classes_file),
+                "keep_empty": keep_empty, "val_fraction": val_fraction}
+        args.update(options_dict(opts))
+    manifest = write_shards(ds, opts, args, carved)
+    if verbose:
+        print(summary(manifest, Path(out)), flush=True)
+    return manifest

@@ -1,0 +1,89 @@
+"""CLI: `python -m mlic_dist.shard {voc,coco,nuswide,csv} ROOT --out DIR [options]`.
+
+Examples (CPU only; --workers N processes decode/re-encode, the output is identical for any N):
+    python -m mlic_dist.shard voc     VOCdevkit/VOC2007 --out shards/voc2007 --workers 8
+    python -m mlic_dist.shard coco    data/coco --split train=annotations/instances_train2014.json \\
+        --split test=annotations/instances_val2014.json --out shards/coco2014
+    python -m mlic_dist.shard nuswide data/NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
+    python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine --max-side 512
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import ShardError, SourceError, shard
+
+
+def _pairs(flag: str):
+    def parse(text: str):
+        name, sep, value = text.partition("=")
+        if not sep:  # a bare DIR applies to every split
+            return ("all", text)
+        if not name or not value:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected SPLIT=PATH")
+        return (name, value)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlic_dist.shard", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["voc", "coco", "nuswide", "csv"], help="input format")
+    p.add_argument("root", help="dataset root (csv: the CSV file)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    src = p.add_argument_group("input")
+    src.add_argument("--split", action="append", type=_pairs("--split"), default=[],
+                     metavar="SPLIT=ANN.json", help="coco: annotation file per split (repeat)")
+    src.add_argument("--images-dir", action="append", type=_pairs("--images-dir"), default=[],
+                     metavar="[SPLIT=]DIR", help="coco/nuswide: image folder override (repeat)")
+    src.add_argument("--images", help="csv: folder the image paths are relative to "
+                     "(default: the CSV's folder)")
+    src.add_argument("--path-column", help="csv: image path column (default: first of "
+                     "image/path/filename)")
+    src.add_argument("--classes", dest="classes_file", help="csv with a 'labels' column: class "
+                     "names one per line, in order; names not in it are rejected as "
+                     "'unknown class' (default: sorted union of names)")
+    src.add_argument("--keep-empty", action="store_true",
+                     help="keep images without any label (default: reject as 'no labels')")
+    sp = p.add_argument_group("validation split")
+    sp.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of train carved (stratified) into val when there is no val split")
+    sp.add_argument("--seed", type=int, default=0, help="val carve and train shuffle seed")
+    out = p.add_argument_group("output")
+    out.add_argument("--shard-size", dest="shard_size_mb", type=float, default=256.0,
+                     help="target tar size in MB")
+    out.add_argument("--samples-per-shard", type=int, default=0,
+                     help="max samples per tar (0 = size limit only)")
+    out.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer "
+                     "side exceeds this, resized to it (0 = keep original sizes and bytes)")
+    out.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    out.add_argument("--workers", type=int, default=1, help="image decode/encode processes")
+    out.add_argument("--max-reject-fraction", type=float, default=0.05,
+                     help="fail when more than this share of inputs is rejected")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="hide the progress bar")
+    return p
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    args = dict(vars(a), split=dict(a.split), images_dir=dict(a.images_dir))  # for the manifest
+    try:
+        shard(a.kind, a.root, a.out, splits=dict(a.split) or None,
+              images_dir=dict(a.images_dir) or None, images=a.images, path_column=a.path_column,
+              classes_file=a.classes_file, keep_empty=a.keep_empty, val_fraction=a.val_fraction,
+              seed=a.seed, shard_size_mb=a.shard_size_mb, samples_per_shard=a.samples_per_shard,
+              max_side=a.max_side, quality=a.quality, workers=a.workers,
+              max_reject_fraction=a.max_reject_fraction, overwrite=a.overwrite,
+              progress=a.progress, args=args)
+    except (SourceError, ShardError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Tests for mlic_dist.shard: every format, every kind of bad input, read back with webdataset and DALI."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlic_dist.shard import ShardError, SourceError, shard
+from mlic_dist.shard import writer as writer_mod
+from mlic_dist.shard.__main__ import main as cli_main
+from mlic_dist.shard.sources import sanitize_key
+from shard_fixtures import (BAD_IMAGES, build_small_shards, make_coco, make_csv, make_nuswide,
+                            make_voc)
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = dict(progress=False, verbose=False)
+
+
+# --------------------------------------------------------------------------------------------
+# read-back helpers
+
+def read_webdataset(out: Path, split: str) -> list[dict]:
+    import webdataset as wds
+
+    m = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["file"]) for s in m["splits"][split]["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def read_dali(out: Path, split: str) -> tuple[np.ndarray, np.ndarray, list]:
+    """(ids (N,), labels (N, C), image shapes) through DALI's own webdataset reader, CPU only."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    m = json.loads((out / "manifest.json").read_text())
+    shards = m["splits"][split]["shards"]
+    n, bs = m["splits"][split]["num_samples"], 8
+
+    @pipeline_def(batch_size=bs, num_threads=1, device_id=None)
+    def pipe():
+        jpg, lbl, sid = fn.readers.webdataset(
+            paths=[str(out / s["file"]) for s in shards],
+            index_paths=[str(out / s["index"]) for s in shards],
+            ext=["jpg", "lbl", "id"], dtypes=[types.UINT8, types.INT8, types.INT64],
+            missing_component_behavior="error", name="Reader")
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), lbl, sid
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("Reader") == n  # the index files carry the right sample counts
+    ids, labels, shapes = [], [], []
+    while len(ids) < n:
+        img, lbl, sid = p.run()
+        for k in range(bs):
+            ids.append(int(np.array(sid[k])[0]))
+            labels.append(np.array(lbl[k]))
+            shapes.append(np.array(img[k]).shape)
+    return np.array(ids[:n]), np.stack(labels[:n]), shapes[:n]
+
+
+def verify_shards(out: Path, exp, expect_converted: bool = True) -> dict:
+    """Every invariant of docs/contracts.md plus agreement with the fixture's expectations."""
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["classes"] == exp.classes
+    C = len(exp.classes)
+    seen = {}
+    for split, info in m["splits"].items():
+        keys = (out / info["keys_file"]).read_text().splitlines()
+        assert len(keys) == info["num_samples"] == sum(s["num_samples"] for s in info["shards"])
+        for s in info["shards"]:
+            assert s["file"] == f"{split}-{int(s['file'][len(split) + 1:-4]):06d}.tar"
+            assert (out / s["index"]).is_file() and s["index"] == s["file"][:-4] + ".idx"
+            assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+        samples = read_webdataset(out, split)
+        assert [s["__key__"] for s in samples] == keys
+        counts = np.zeros((C, 2), int)
+        for i, s in enumerate(samples):
+            key = s["__key__"]
+            assert "." not in key and key not in seen
+            seen[key] = split
+            assert np.frombuffer(s["id"], "<i8")[0] == i
+            lbl = np.frombuffer(s["lbl"], np.int8)
+            np.testing.assert_array_equal(lbl, exp.labels[key], err_msg=key)
+            counts[:, 0] += lbl == 1
+            counts[:, 1] += lbl == -1
+            meta = json.loads(s["json"])
+            assert meta["labels"] == [exp.classes[c] for c in np.flatnonzero(lbl == 1)]
+            assert meta["ignored"] == [exp.classes[c] for c in np.flatnonzero(lbl == -1)]
+            im = Image.open(io.BytesIO(s["jpg"]))
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (meta["width"], meta["height"]))
+            want = exp.splits[key]
+            assert split == want if want else split in ("train", "val"), key
+        assert {c: {"positive": int(p), "ignore": int(g)} for c, (p, g) in
+                zip(exp.classes, counts)} == info["label_counts"]
+        ids, labels, shapes = read_dali(out, split)
+        np.testing.assert_array_equal(ids, np.arange(len(keys)))
+        np.testing.assert_array_equal(labels, np.stack([exp.labels[k] for k in keys]))
+        for shape, s in zip(shapes, samples):
+            meta = json.loads(s["json"])
+            assert shape == (meta["height"], meta["width"], 3)
+    assert set(seen) == set(exp.labels)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert Counter(r["reason"] for r in rejects) == Counter(exp.rejects.values())
+    assert m["rejects"]["count"] == len(rejects)
+    assert m["rejects"]["by_reason"] == dict(Counter(r["reason"] for r in rejects))
+    for r in rejects:
+        assert exp.rejects.get(r["key"], "duplicate key") == r["reason"], r
+    assert len(seen) + len(rejects) == exp.num_inputs == m["num_inputs"]
+    if expect_converted:
+        assert m["converted"]["count"] == len(exp.converted)
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# formats
+
+def test_csv_via_cli_with_every_bad_input(tmp_path):
+    csv_path, exp = make_csv(tmp_path / "src", {"train": 14, "val": 5, "test": 5}, bad=True)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mlic_dist.shard", "csv", str(csv_path), "--images",
+           str(tmp_path / "src"), "--out", str(out), "--samples-per-shard", "4",
+           "--max-reject-fraction", "0.5", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "images/s" in r.stdout and "rejected: 6" in r.stdout
+    m = verify_shards(out, exp)
+    assert m["converted"]["by_reason"]["format PNG"] == 2
+    assert {"mode L", "mode CMYK", "mode P"} <= set(m["converted"]["by_reason"])
+    assert m["args"]["samples_per_shard"] == 4 and m["stats"]["images_per_s"] > 0
+    assert all(s["num_samples"] <= 4 for s in m["splits"]["train"]["shards"])
+
+
+def test_voc_keeps_difficult_as_ignore(tmp_path):
+    exp = make_voc(tmp_path / "voc", bad=True)
+    m = shard("voc", tmp_path / "voc", tmp_path / "out", samples_per_shard=5,
+              max_reject_fraction=0.5, **QUIET)
+    verify_shards(tmp_path / "out", exp)
+    assert set(m["splits"]) == {"train", "val", "test"} and m["val_carved"] is None
+    only_difficult = [k for k, v in exp.labels.items() if v[11] == -1 and (v != -1).sum() == 19]
+    assert only_difficult and m["splits"]["train"]["label_counts"]["dog"]["ignore"] >= 1
+
+
+def test_voc_trainval_only_carves_stratified_val(tmp_path):
+    exp = make_voc(tmp_path / "voc", n_train=30, n_val=10, n_test=4, trainval_only=True)
+    m = shard("voc", tmp_path / "voc", tmp_path / "out", val_fraction=0.25, seed=3, **QUIET)
+    verify_shards(tmp_path / "out", exp)
+    carved = m["val_carved"]
+    assert carved["fraction"] == 0.25 and carved["seed"] == 3
+    assert carved["val_samples"] == m["splits"]["val"]["num_samples"] == round(41 * 0.25)
+    assert carved["train_samples"] == m["splits"]["train"]["num_samples"]
+    assert carved["max_abs_rate_diff"] < 0.2  # stratified: per-class rates stay close
+    test_keys = set((tmp_path / "out" / "test-keys.txt").read_text().split())
+    assert test_keys == {k for k, s in exp.splits.items() if s == "test"}  # test untouched
+
+
+def test_coco_maps_category_ids_and_drops_empty(tmp_path):
+    exp = make_coco(tmp_path / "coco", bad=True)
+    m = shard("coco", tmp_path / "coco", tmp_path / "out", max_reject_fraction=0.5,
+              splits={"train": "annotations/instances_train2014.json",
+                      "val": str(tmp_path / "coco/annotations/instances_val2014.json")}, **QUIET)
+    verify_shards(tmp_path / "out", exp)
+    assert m["classes"] == ["person", "car", "dog", "toothbrush"]  # category-id order
+    assert m["rejects"]["by_reason"]["no labels"] == 1
+
+
+def test_coco_keep_empty_and_images_dir_override(tmp_path):
+    make_coco(tmp_path / "coco", n_train=4, n_val=3, bad=True)
+    (tmp_path / "coco" / "train2014").rename(tmp_path / "imgs")
+    m = shard("coco", tmp_path / "coco", tmp_path / "out", keep_empty=True,
+              max_reject_fraction=0.9, images_dir={"train": str(tmp_path / "imgs")},
+              splits={"train": "annotations/instances_train2014.json",
+                      "test": "annotations/instances_val2014.json"}, **QUIET)
+    assert "no labels" not in m["rejects"]["by_reason"]
+    assert m["val_carved"] and set(m["splits"]) == {"train", "val", "test"}
+    assert m["splits"]["train"]["num_samples"] + m["splits"]["val"]["num_samples"] == 4 + 5
+
+
+def test_nuswide_dead_images_fail_then_pass_with_higher_fraction(tmp_path):
+    exp = make_nuswide(tmp_path / "nus")
+    with pytest.raises(ShardError, match="NUS-WIDE") as e:
+        shard("nuswide", tmp_path / "nus", tmp_path / "out", **QUIET)
+    assert "missing image" in str(e.value) and not (tmp_path / "out").exists()
+    shard("nuswide", tmp_path / "nus", tmp_path / "out", max_reject_fraction=0.3, **QUIET)
+    m = verify_shards(tmp_path / "out", exp)
+    assert m["classes"] == ["animal", "beach", "sky", "water"] and m["val_carved"]
+
+
+def test_csv_labels_column_classes_file_unknown_class_and_no_split(tmp_path):
+    csv_path, exp = make_csv(tmp_path / "src", {"train": 20}, label_format="labels",
+                             with_split=False)
+    with open(csv_path, "a") as f:
+        f.write("train_0000.jpg,c1\n")      # the same image twice
+        f.write("odd.name.jpg,c1|zebra\n")  # a class not in --classes; a dotted file name
+    Image.open(tmp_path / "src/train_0001.jpg").save(tmp_path / "src/odd.name.jpg")
+    exp.reject("train_0000", "duplicate key")
+    exp.reject("odd_name", "unknown class")
+    (tmp_path / "classes.txt").write_text("c0\nc1\nc2\nc3\n")
+    m = shard("csv", csv_path, tmp_path / "out", classes_file=tmp_path / "classes.txt",
+              max_reject_fraction=0.2, val_fraction=0.2, **QUIET)
+    verify_shards(tmp_path / "out", exp)
+    assert m["val_carved"]["val_samples"] == 4 and "c0" in m["val_carved"]["val_positive"]
+
+
+def test_keys_are_sanitised_and_unique(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["a.b.jpg", "a_b.jpg", "x y.jpg", "sub/dir.1/img.jpg"]
+    for n in names:
+        (src / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 12), (200, 10, 10)).save(src / n)
+    rows = "".join(f"{n},1,0,{'train' if i < 3 else 'val'}\n" for i, n in enumerate(names))
+    (src / "l.csv").write_text("path,a,b,split\n" + rows)
+    shard("csv", src / "l.csv", tmp_path / "out", **QUIET)
+    keys = sum(((tmp_path / "out" / f"{s}-keys.txt").read_text().split() for s in ("train", "val")),
+               [])
+    assert sorted(keys) == sorted(["a_b", "a_b-1", "x_y", "sub_dir_1_img"])
+    assert sanitize_key("a" * 200) != sanitize_key("a" * 201) and len(sanitize_key("a" * 200)) <= 80
+
+
+# --------------------------------------------------------------------------------------------
+# malformed inputs fail with file and line
+
+def test_malformed_xml_json_csv_name_file_and_line(tmp_path, capsys):
+    make_voc(tmp_path / "voc", n_train=2, n_val=1, n_test=1, malformed=True)
+    with pytest.raises(SourceError, match=r"Annotations/\d+\.xml:\d+:\d+: malformed XML"):
+        shard("voc", tmp_path / "voc", tmp_path / "o1", **QUIET)
+    make_coco(tmp_path / "coco", n_train=2, n_val=1, malformed=True)
+    with pytest.raises(SystemExit) as e:  # through the CLI: non-zero exit, clear message
+        cli_main(["coco", str(tmp_path / "coco"), "--split",
+                  "train=annotations/instances_train2014.json", "--out", str(tmp_path / "o2")])
+    assert e.value.code == 1
+    assert "instances_train2014.json:" in capsys.readouterr().err
+    csv_path, _ = make_csv(tmp_path / "csv", {"train": 3})
+    with open(csv_path, "a") as f:
+        f.write("extra.jpg,1,0,1,0,train,surplus\n")
+    with pytest.raises(SourceError, match=r"labels\.csv:5: 7 fields"):
+        shard("csv", csv_path, tmp_path / "o3", **QUIET)
+    csv_path.write_text("image,c0,split\na.jpg,2,train\n")
+    with pytest.raises(SourceError, match=r"labels\.csv:2: column 'c0' = '2'"):
+        shard("csv", csv_path, tmp_path / "o4", **QUIET)
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# safety: overwrite, interruption, reject fraction
+
+def test_overwrite_protection_and_interrupted_run(tmp_path, monkeypatch):
+    csv_path, exp = make_csv(tmp_path / "src", {"train": 8, "val": 3})
+    out = tmp_path / "out"
+    shard("csv", csv_path, out, samples_per_shard=3, **QUIET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ShardError, match="already exists; pass --overwrite"):
+        shard("csv", csv_path, out, **QUIET)
+
+    calls = []
+
+    def interrupted(tar, idx):  # Ctrl-C while the second tar is being indexed
+        calls.append(tar)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(tar, idx)
+
+    real = writer_mod.make_index
+    monkeypatch.setattr(writer_mod, "make_index", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard("csv", csv_path, out, samples_per_shard=2, overwrite=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old output intact
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        shard("csv", csv_path, tmp_path / "fresh", samples_per_shard=2, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no tmp, no partial
+    monkeypatch.setattr(writer_mod, "make_index", real)
+    shard("csv", csv_path, out, samples_per_shard=2, overwrite=True, **QUIET)
+    verify_shards(out, exp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_reject_fraction_failure_is_clear(tmp_path):
+    csv_path, _ = make_csv(tmp_path / "src", {"train": 10, "val": 3}, bad=True)
+    with pytest.raises(ShardError, match=r"max-reject-fraction=0\.05") as e:
+        shard("csv", csv_path, tmp_path / "out", **QUIET)
+    msg = str(e.value)
+    assert "missing image" in msg and "raise --max-reject-fraction" in msg
+    assert not (tmp_path / "out").exists()
+    listed = (tmp_path / "out.rejects.jsonl").read_text().splitlines()
+    assert listed and all(json.loads(x)["reason"] for x in listed)
+
+
+# --------------------------------------------------------------------------------------------
+# determinism, re-encoding, the shared fixture
+
+def _tree(d: Path) -> dict:
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.name != "manifest.json"}
+    m = json.loads((d / "manifest.json").read_text())
+    for k in ("args", "stats"):
+        m.pop(k)
+    return files, m
+
+
+def test_workers_1_and_2_give_identical_output(tmp_path):
+    csv_path, exp = make_csv(tmp_path / "src", {"train": 16, "val": 4, "test": 4}, bad=True,
+                             image_size=(80, 60))
+    common = dict(samples_per_shard=5, max_side=40, max_reject_fraction=0.5, seed=7, **QUIET)
+    m1 = shard("csv", csv_path, tmp_path / "w1", workers=1, **common)
+    m2 = shard("csv", csv_path, tmp_path / "w2", workers=2, **common)
+    assert _tree(tmp_path / "w1") == _tree(tmp_path / "w2")
+    assert m2["stats"]["workers"] == 2
+    # max_side re-encodes every kept image to a longer side of 40 px
+    assert m1["converted"]["count"] == len(exp.labels)
+    verify_shards(tmp_path / "w1", exp, expect_converted=False)
+    for s in read_webdataset(tmp_path / "w1", "train"):
+        meta = json.loads(s["json"])
+        assert max(meta["width"], meta["height"]) == 40
+    # another seed shuffles train differently, other splits keep their order
+    m3 = shard("csv", csv_path, tmp_path / "w3", **dict(common, seed=8))
+    k1 = (tmp_path / "w1/train-keys.txt").read_text()
+    assert k1 != (tmp_path / "w3/train-keys.txt").read_text()
+    assert sorted(k1.split()) == sorted((tmp_path / "w3/train-keys.txt").read_text().split())
+    assert (tmp_path / "w1/test-keys.txt").read_text() == (tmp_path / "w3/test-keys.txt").read_text()
+
+
+def test_original_jpeg_bytes_kept_and_shard_size_limit(tmp_path):
+    csv_path, _ = make_csv(tmp_path / "src", {"train": 12, "val": 2})
+    m = shard("csv", csv_path, tmp_path / "out", shard_size_mb=0.008, **QUIET)  # ~3 samples
+    for s in read_webdataset(tmp_path / "out", "train"):
+        assert s["jpg"] == (tmp_path / "src" / json.loads(s["json"])["source"]).read_bytes()
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) >= 3 and sum(s["num_samples"] for s in shards) == 12
+    for s in shards[:-1]:  # a tar is closed at the first sample past the limit
+        assert 8000 <= (tmp_path / "out" / s["file"]).stat().st_size < 8000 + 20000
+
+
+def test_build_small_shards_for_other_modules(tmp_path):
+    out = build_small_shards(tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    sizes = {s: [x["num_samples"] for x in v["shards"]] for s, v in m["splits"].items()}
+    assert sizes == {"train": [7, 7, 7, 7, 7, 5], "val": [7, 5], "test": [7, 5]}
+    assert sum(c["ignore"] for c in m["splits"]["train"]["label_counts"].values()) > 0
+    ids, labels, shapes = read_dali(out, "val")
+    assert list(ids) == list(range(12)) and labels.shape == (12, 4) and shapes[0] == (48, 64, 3)
+    assert build_small_shards(tmp_path) == out  # cached
+
+
+def test_exif_rotation_and_transparency_are_normalised(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": stored upright, width/height swapped
+    Image.new("RGB", (40, 20), (0, 200, 0)).save(src / "rot.jpg", exif=exif)
+    Image.new("RGBA", (30, 20), (255, 0, 0, 0)).save(src / "clear.png")
+    Image.new("RGB", (30, 20), (0, 0, 200)).save(src / "plain.jpg")
+    (src / "l.csv").write_text("image,a,split\nrot.jpg,1,train\nclear.png,1,train\n"
+                               "plain.jpg,1,val\n")
+    m = shard("csv", src / "l.csv", tmp_path / "out", **QUIET)
+    got = {s["__key__"]: s for s in read_webdataset(tmp_path / "out", "train")}
+    assert Image.open(io.BytesIO(got["rot"]["jpg"])).size == (20, 40)
+    assert Image.open(io.BytesIO(got["clear"]["jpg"])).getpixel((5, 5)) == (255, 255, 255)
+    assert m["converted"]["by_reason"] == {"exif orientation": 1, "format PNG": 1, "mode RGBA": 1}
+
+
+def test_carve_val_is_exact_disjoint_and_stratified():
+    from mlic_dist.shard.split import carve_val
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((500, 6)) < [0.5, 0.2, 0.1, 0.05, 0.02, 0.3]).astype(np.int8)
+    tr, va = carve_val(labels, 0.1, seed=1)
+    assert len(va) == 50 and len(tr) == 450 and not set(tr) & set(va)
+    assert np.abs(labels[tr].mean(0) - labels[va].mean(0)).max() < 0.03
+    tr2, va2 = carve_val(labels, 0.1, seed=1)
+    assert (va == va2).all()  # seeded
+    with pytest.raises(ValueError, match="val-fraction"):
+        carve_val(labels, 1.5, seed=0)
+
+
+def test_bad_image_kinds_are_all_covered():
+    assert set(BAD_IMAGES) == {"zero", "truncated", "notimage", "png", "gray", "cmyk", "palette"}
