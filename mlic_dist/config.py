@@ -271,6 +271,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} must be a number") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans (mixed_precision: no)
+            return "yes" if value else "no"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} must be a string")
         return str(value)

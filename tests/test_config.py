@@ -25,6 +25,7 @@ def test_yaml_bases_and_overrides(tmp_path):
     assert cfg.data.size == 512 and cfg.data.augment == "M1"
     assert cfg.optim.lr == 0.02 and cfg.data.rrc_scale == (0.3, 1.0)
     assert cfg.tracking.uri is None and cfg.train.early_stopping == 5
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("override, words", [
