@@ -1,0 +1,173 @@
+"""Pure-PyTorch loader: webdataset tars -> torchvision decode + transforms v2 -> DataLoader workers.
+
+Same rank plan as DALI (see common.py): rank r reads the contiguous id range of its slot, so
+the two loaders see the same samples per rank and both give every rank the same batch count,
+whatever the shard count. Within a rank, the batches are dealt to the K DataLoader workers in
+contiguous runs (worker k: batches [nb*k//K, nb*(k+1)//K)), so each worker yields only full
+batches (bar the very last of an eval epoch) and `len(loader)` is exact. Splitting by sample id
+range, not by shard, means a split with fewer shards than ranks x workers still works: each
+worker opens only the shards overlapping its range (ids are in shard order, so it skips the
+head of its first shard without decoding and stops at the end of its range); more shards than
+readers costs nothing extra.
+
+Determinism: the worker's shuffle buffer and torch RNG (transforms v2) are seeded from
+(seed, epoch, rank, worker); the DataLoader takes batches from workers round-robin, so for a
+fixed data.num_workers an epoch replays identically.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .common import LoaderBase, default_workers, make_plan, mix_seed
+
+
+def _identity(urls):
+    return urls
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def _transform(train: bool, augment: str, size: int, rrc_scale, rrc_ratio):
+    from torchvision.transforms import v2
+
+    if train and augment in ("M2", "M3"):
+        # mostly upsampling (500 px photos -> 448 crops): no antialias (faster, same result)
+        steps = [v2.RandomResizedCrop((size, size), scale=tuple(rrc_scale), ratio=tuple(rrc_ratio),
+                                      antialias=False)]
+    else:
+        steps = [v2.Resize((size, size), antialias=True)]   # squash, like the seed's Resize((S, S))
+    if train and augment != "M0":
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    return v2.Compose(steps)
+
+
+class _RankStream(IterableDataset):
+    """Yields (images (B, S, S, 3) uint8, labels (B, C) int8, ids (B,) int64) for one rank."""
+
+    def __init__(self, shards, plan, lo: int, hi: int, train: bool, transform, shuffle_buffer: int,
+                 seed: int, epoch: int, rank: int):
+        self.shards, self.plan, self.lo, self.hi = shards, plan, lo, hi
+        self.train, self.transform, self.shuffle_buffer = train, transform, shuffle_buffer
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def _raw(self, id_lo: int, id_hi: int):
+        """(jpeg bytes, label bytes, id) for ids in [id_lo, id_hi), in id order."""
+        import webdataset as wds
+
+        urls = [str(s.path) for s in self.shards
+                if s.first_id < id_hi and s.first_id + s.num_samples > id_lo]
+        if not urls:
+            return
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
+                            empty_check=False)
+        last = -1
+        for sample in ds:
+            sid = int.from_bytes(sample["id"], "little", signed=True)
+            if sid <= last:
+                raise ValueError(f"{sample.get('__url__')}: id {sid} after {last}; shards must hold "
+                                 f"ids in written order (contracts.md); re-run mlic_dist.shard")
+            last = sid
+            if sid < id_lo:
+                continue
+            if sid >= id_hi:
+                break
+            yield sample["jpg"], sample["lbl"], sid
+
+    def _shuffled(self, items, rng: random.Random):
+        buf = []
+        for item in items:
+            buf.append(item)
+            if len(buf) >= self.shuffle_buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, jpeg: bytes) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return self.transform(img).permute(1, 2, 0)      # (S, S, 3) view
+
+    def __iter__(self):
+        info = get_worker_info()
+        k, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        nb, bsz = self.plan.num_batches, self.plan.batch_size
+        p0, p1 = nb * k // nw * bsz, nb * (k + 1) // nw * bsz   # this worker's slot positions
+        real = self.hi - self.lo
+        torch.manual_seed(mix_seed(self.seed, self.epoch, self.rank, k, 4))
+        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, k, 5))
+        items = self._raw(self.lo + p0, self.lo + min(p1, real))
+        if self.train:
+            items = self._shuffled(items, rng)
+        images, labels, ids, seen, last_row = [], [], [], [], None
+        for pos in range(p0, p1):
+            if pos < real:
+                try:
+                    jpeg, lbl, sid = next(items)
+                except StopIteration:
+                    raise ValueError(f"ids {self.lo + p0}..{self.lo + min(p1, real) - 1} are not all in the "
+                                     f"shards listed in manifest.json; re-run mlic_dist.shard") from None
+                if self.train and len(seen) < 8:
+                    seen.append((jpeg, lbl, sid))
+                img = self._decode(jpeg)
+            elif self.train:   # this rank has M-1 samples: repeat one (fresh augmentation)
+                jpeg, lbl, sid = seen[(pos - real) % len(seen)] if seen else self._one(self.lo)
+                img = self._decode(jpeg)
+            else:              # eval padding: a copy of the rank's last row, id -1
+                if last_row is None:
+                    jpeg, lbl, _ = self._one(self.lo + real - 1)
+                    last_row = (self._decode(jpeg), lbl)
+                img, lbl = last_row
+                sid = -1
+            images.append(img); labels.append(lbl); ids.append(sid)
+            last_row = (img, lbl)
+            if len(images) == bsz:
+                yield self._collate(images, labels, ids)
+                images, labels, ids = [], [], []
+        if images:
+            yield self._collate(images, labels, ids)
+
+    def _one(self, sid: int):
+        return next(iter(self._raw(sid, sid + 1)))
+
+    @staticmethod
+    def _collate(images, labels, ids):
+        lbl = torch.frombuffer(bytearray(b"".join(labels)), dtype=torch.int8).view(len(ids), -1)
+        return torch.stack(images), lbl, torch.tensor(ids, dtype=torch.int64)
+
+
+class TorchLoader(LoaderBase):
+    def __init__(self, data_cfg, manifest, split, *, train, rank, world_size, device, seed):
+        info = manifest.split(split)
+        batch = data_cfg.batch_size_per_gpu if train else data_cfg.eval_batch_size
+        plan = make_plan(split, info.num_samples, world_size, batch, train)
+        super().__init__(data_cfg, split, plan, train=train, rank=rank, world_size=world_size,
+                         device=device, seed=seed, num_classes=manifest.num_classes)
+        self.info = info
+        self.num_workers = default_workers(data_cfg.num_workers)
+        self.transform = _transform(train, data_cfg.augment, data_cfg.size, data_cfg.rrc_scale,
+                                    data_cfg.rrc_ratio)
+
+    def __iter__(self):
+        lo, hi = self._epoch_range()
+        stream = _RankStream(self.info.shards, self.plan, lo, hi, self.train, self.transform,
+                             max(1, self.cfg.shuffle_buffer), self.seed, self.epoch, self.rank)
+        workers = min(self.num_workers, len(self))
+        dl = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+                        pin_memory=self.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+        mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
+        count = 0
+        for images, labels, ids in dl:
+            count += 1
+            yield self._finish(images, labels, ids, mix_gen)
+        if count != len(self):
+            raise RuntimeError(f"torch loader yielded {count} batches for split {self.split!r}, expected "
+                               f"{len(self)}: the shards do not match manifest.json; re-run mlic_dist.shard")

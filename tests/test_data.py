@@ -1,0 +1,271 @@
+"""mlic_dist.data: both loaders on tiny shards (CPU; DALI with device_id=None)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mlic_dist.config import DataConfig
+from mlic_dist.data import build_loader, read_manifest
+from mlic_dist.data.common import MEAN_STD, labels_to_targets
+from mlic_dist.data.labels import read_split_labels
+from mlic_dist.data.mixup import mixup_pairs, or_mixup
+from shard_fixtures import build_small_shards
+
+LOADERS = ["dali", "torch"]
+SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    # train shards 7,7,7,7,7,5 (uneven), val/test 7,5; some -1 labels
+    return build_small_shards(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def one_shard(tmp_path_factory):
+    # a single shard per split: fewer shards than ranks x workers
+    return build_small_shards(tmp_path_factory.mktemp("data1"), samples_per_shard=1000)
+
+
+@pytest.fixture(scope="session")
+def labels(shards):
+    return {s: read_split_labels(shards, s)[1] for s in ("train", "val")}
+
+
+def cfg(shards, loader, **kw):
+    base = dict(shards=str(shards), size=SIZE, loader=loader, batch_size_per_gpu=4,
+                eval_batch_size_per_gpu=5, num_workers=2, shuffle_buffer=64)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def run_epoch(c, split, train, rank=0, world=1, epoch=0, seed=0):
+    loader = build_loader(c, split, train=train, rank=rank, world_size=world, device="cpu", seed=seed)
+    loader.set_epoch(epoch)
+    return loader, list(loader)
+
+
+def by_id(batches):
+    out = {}
+    for b in batches:
+        for k, i in enumerate(b.ids.tolist()):
+            if i >= 0:
+                out[i] = (b.images[k], b.targets[k], b.mask[k])
+    return out
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def test_read_manifest(shards, tmp_path):
+    m = read_manifest(shards)
+    assert m.classes == ("c0", "c1", "c2", "c3")
+    tr = m.split("train")
+    assert tr.num_samples == 40 and [s.num_samples for s in tr.shards] == [7, 7, 7, 7, 7, 5]
+    assert [s.first_id for s in tr.shards] == [0, 7, 14, 21, 28, 35]
+    with pytest.raises(ValueError, match="'nope'.*\\['test', 'train', 'val'\\]"):
+        m.split("nope")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_manifest(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    (broken / "val-000001.idx").unlink()
+    with pytest.raises(FileNotFoundError, match="val-000001.idx.*'val'"):
+        read_manifest(broken)
+
+
+# ----------------------------------------------------------------------------- presets
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("augment", ["M0", "M1", "M2", "M3"])
+def test_preset_batches(shards, loader, augment):
+    c = cfg(shards, loader, augment=augment)
+    lo, hi = [(0 - m) / s for m, s in zip(*MEAN_STD["imagenet"])], [(255 - m) / s for m, s in zip(*MEAN_STD["imagenet"])]
+    for epoch in (0, 1):
+        ld, batches = run_epoch(c, "train", True, epoch=epoch)
+        assert len(batches) == len(ld) == 10 and ld.num_samples == 40
+        for b in batches:
+            assert b.images.shape == (4, 3, SIZE, SIZE) and b.images.dtype == torch.float32
+            assert b.images.is_contiguous(memory_format=torch.channels_last)
+            assert b.targets.shape == b.mask.shape == (4, 4) and b.targets.dtype == b.mask.dtype == torch.float32
+            assert b.ids.dtype == torch.int64 and ((b.ids >= 0) & (b.ids < 40)).all()
+            assert set(b.targets.unique().tolist()) <= {0.0, 1.0} and set(b.mask.unique().tolist()) <= {0.0, 1.0}
+            for ch in range(3):
+                assert b.images[:, ch].min() >= lo[ch] - 1e-4 and b.images[:, ch].max() <= hi[ch] + 1e-4
+        ids = torch.cat([b.ids for b in batches])
+        assert len(set(ids.tolist())) == 40   # one rank, 40 samples, 10 full batches: each once
+
+
+def test_half_normalisation(shards):
+    _, batches = run_epoch(cfg(shards, "dali", normalize="half"), "val", False)
+    x = torch.cat([b.images for b in batches])
+    assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6 and x.min() < -0.3 and x.max() > 0.3
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_m0_train_is_the_eval_squash(shards, loader):
+    """M0 = squash resize only: a train image equals the eval image of the same id."""
+    _, tr = run_epoch(cfg(shards, loader, augment="M0"), "train", True)
+    _, ev = run_epoch(cfg(shards, loader, augment="M0"), "train", False)
+    a, b = by_id(tr), by_id(ev)
+    for i in list(a)[:12]:
+        assert torch.equal(a[i][0], b[i][0])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_m2_augments_and_differs_per_epoch(shards, loader):
+    c = cfg(shards, loader, augment="M2")
+    e0 = by_id(run_epoch(c, "train", True, epoch=0)[1])
+    e2 = by_id(run_epoch(c, "train", True, epoch=2)[1])
+    ev = by_id(run_epoch(c, "train", False)[1])
+    diff_eval = np.mean([(e0[i][0] - ev[i][0]).abs().mean().item() for i in e0])
+    diff_epoch = np.mean([(e0[i][0] - e2[i][0]).abs().mean().item() for i in e0 if i in e2])
+    assert diff_eval > 0.05 and diff_epoch > 0.05
+
+
+# ----------------------------------------------------------------------------- labels
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("difficult", ["positive", "ignore"])
+def test_label_semantics(shards, labels, loader, difficult):
+    lab = labels["train"]
+    assert (lab == -1).any()
+    for train in (False, True):
+        _, batches = run_epoch(cfg(shards, loader, difficult=difficult, augment="M2"), "train", train)
+        got = by_id(batches)
+        assert len(got) == 40
+        for i, (_, t, m) in got.items():
+            exp_t = (lab[i] != 0) if difficult == "positive" else (lab[i] == 1)
+            exp_m = np.ones(4, bool) if difficult == "positive" else (lab[i] != -1)
+            assert t.numpy().astype(bool).tolist() == exp_t.tolist()
+            assert m.numpy().astype(bool).tolist() == exp_m.tolist()
+
+
+def test_labels_to_targets():
+    lab = torch.tensor([[1, 0, -1]], dtype=torch.int8)
+    t, m = labels_to_targets(lab, "positive")
+    assert t.tolist() == [[1, 0, 1]] and m.tolist() == [[1, 1, 1]]
+    t, m = labels_to_targets(lab, "ignore")
+    assert t.tolist() == [[1, 0, 0]] and m.tolist() == [[1, 1, 0]]
+
+
+def test_or_mixup_rule():
+    # rows: i = (pos, neg, ign, neg, ign), j = (neg, ign, ign, neg, pos)  (difficult=ignore coding)
+    t = torch.tensor([[1., 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    m = torch.tensor([[1., 1, 0, 1, 0], [1, 0, 0, 1, 1]])
+    x = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2)]).contiguous(memory_format=torch.channels_last)
+    partner = torch.tensor([1, 0])
+    xm, tm, mm = or_mixup(x, t, m, partner)
+    assert torch.allclose(xm, torch.full_like(xm, 0.5)) and xm.is_contiguous(memory_format=torch.channels_last)
+    assert tm[0].tolist() == [1, 0, 0, 0, 1]     # OR
+    assert mm[0].tolist() == [1, 0, 0, 1, 1]     # ignore unless the other is a positive
+    assert torch.equal(tm[0], tm[1]) and torch.equal(mm[0], mm[1])
+    p = mixup_pairs(16, torch.Generator().manual_seed(0))
+    assert sorted(p.tolist()) == list(range(16)) and not (p == torch.arange(16)).any()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("difficult", ["positive", "ignore"])
+def test_m3_mixup_only_on_odd_epochs(shards, labels, loader, difficult):
+    lab = torch.from_numpy(labels["train"])
+    c = cfg(shards, loader, augment="M3", difficult=difficult)
+    for epoch in (0, 1, 2, 3):
+        _, batches = run_epoch(c, "train", True, epoch=epoch)
+        mixed_rows = 0
+        for b in batches:
+            own_t, own_m = labels_to_targets(lab[b.ids], difficult)
+            if epoch % 2 == 0:
+                assert torch.equal(b.targets, own_t) and torch.equal(b.mask, own_m)
+                continue
+            for k in range(len(b.ids)):   # some partner j != k explains row k by the OR rule
+                ok = [j for j in range(len(b.ids)) if j != k
+                      and torch.equal(b.targets[k], torch.maximum(own_t[k], own_t[j]))
+                      and torch.equal(b.mask[k], torch.maximum(b.targets[k], own_m[k] * own_m[j]))]
+                assert ok, (epoch, k)
+            mixed_rows += int((b.targets != own_t).any(1).sum())
+        if epoch % 2 == 1:
+            assert mixed_rows > 0
+
+
+# ----------------------------------------------------------------------------- ranks
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("fixture", ["shards", "one_shard"])
+def test_ranks_equal_batches_and_eval_ids_once(request, loader, world, fixture):
+    root = request.getfixturevalue(fixture)
+    c = cfg(root, loader)
+    for split, n in (("train", 40), ("val", 12)):
+        for train in ((True, False) if split == "train" else (False,)):
+            counts, ids, shapes = [], [], set()
+            for r in range(world):
+                ld, batches = run_epoch(c, split, train, rank=r, world=world, epoch=1)
+                counts.append((len(ld), len(batches)))
+                shapes |= {tuple(b.images.shape) for b in batches}
+                ids += [i for b in batches for i in b.ids.tolist()]
+            assert len({x for pair in counts for x in pair}) == 1, counts   # equal and == len()
+            if not train:
+                real = [i for i in ids if i >= 0]
+                assert sorted(real) == list(range(n)), (split, world)       # every sample once
+                assert len(shapes) == 1                                     # gatherable
+            else:
+                assert counts[0][0] == -(-n // world) // 4
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_fewer_samples_than_ranks_is_an_error(shards, loader):
+    with pytest.raises(ValueError, match=r"'val' has 12 samples.*world_size=13"):
+        build_loader(cfg(shards, loader), "val", train=False, rank=0, world_size=13, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="batch_size_per_gpu"):
+        build_loader(cfg(shards, loader, batch_size_per_gpu=32), "train", train=True, rank=0,
+                     world_size=2, device="cpu", seed=0)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_eval_is_deterministic(shards, loader):
+    ld = build_loader(cfg(shards, loader), "val", train=False, rank=0, world_size=1, device="cpu", seed=0)
+    a, b = list(ld), list(ld)
+    assert len(a) == len(b) == len(ld)
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and torch.equal(x.ids, y.ids) and torch.equal(x.targets, y.targets)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_train_epoch_replays(shards, loader):
+    c = cfg(shards, loader, augment="M3")
+    _, a = run_epoch(c, "train", True, rank=1, world=2, epoch=3, seed=7)
+    _, b = run_epoch(c, "train", True, rank=1, world=2, epoch=3, seed=7)
+    _, d = run_epoch(c, "train", True, rank=1, world=2, epoch=4, seed=7)
+    for x, y in zip(a, b):
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images) and torch.equal(x.targets, y.targets)
+    assert not all(torch.equal(x.ids, y.ids) for x, y in zip(a, d))
+
+
+def test_dali_and_torch_eval_agree(shards):
+    got = {ld: by_id(run_epoch(cfg(shards, ld), "val", False)[1]) for ld in LOADERS}
+    assert set(got["dali"]) == set(got["torch"]) == set(range(12))
+    diffs = []
+    for i in range(12):
+        a, b = got["dali"][i], got["torch"][i]
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+        diffs.append((a[0] - b[0]).abs().mean().item())
+    # same libjpeg-turbo decode, same resize kernel; normalised units (1 = 1 std ~ 57 grey levels)
+    assert max(diffs) < 0.05, diffs
+
+
+def test_buffer_pool_never_hands_out_a_held_buffer():
+    from mlic_dist.data.common import BufferPool
+
+    pool, shape = BufferPool(), torch.Size((4, 5))
+    a = pool.empty(shape, torch.float32)
+    view = a.permute(1, 0)
+    del a
+    b = pool.empty(shape, torch.float32)
+    assert b.data_ptr() != view.data_ptr()
+    del view, b
+    assert pool.empty(shape, torch.float32).data_ptr() == pool.buffers[0].data_ptr()
