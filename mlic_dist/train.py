@@ -92,7 +92,16 @@ def build_accelerator(cfg: Config):
         gradient_as_bucket_view=cfg.train.ddp_gradient_as_bucket_view,
         static_graph=cfg.train.ddp_static_graph,
     )
-    acc = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
+    # cpu=True on a machine without CUDA: Accelerate then runs torchrun/accelerate-launched
+    # processes as MULTI_CPU over gloo (without it every process trains alone).
+    # The AcceleratorState singleton outlives a train() call (tests, reused Ray workers); reset
+    # it so this run's precision applies. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False,
+                      cpu=not torch.cuda.is_available())
     if acc.device.type == "cpu":
         # Several processes on one host share its cores; oversubscription halves throughput.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -445,11 +454,12 @@ def finalize(run: Run, val_labels: np.ndarray) -> dict:
         flat = {}
         for name in splits:
             r = result[name]
-            flat[f"{name}_mAP"] = r["mAP"]
-            for rule in [k for k in r if isinstance(r[k], dict)]:
+            prefix = "final_val" if name == "val" else name  # val_* names the per-epoch curves
+            flat[f"{prefix}_mAP"], flat[f"{prefix}_eAP"] = r["mAP"], r.get("eAP")
+            for rule in [k for k in r if isinstance(r[k], dict) and k != "settings"]:
                 for m, v in r[rule].items():
                     if isinstance(v, (int, float)):
-                        flat[f"{name}_{rule}_{m}"] = v
+                        flat[f"{prefix}_{rule}_{m}"] = v
         run.tracker.log_metrics(flat, step=len(run.state.history))
         files = ["config.yaml", "classes.json", "metrics.json", "thresholds.json", "history.jsonl"]
         files += [f"{p}_{n}.{e}" for n in splits for p, e in (("scores", "npy"), ("targets", "npy"), ("keys", "txt"))]

@@ -1,0 +1,221 @@
+"""The trainer end to end on real shards: single process, accelerate launch, 2-process DDP with
+torchrun (gloo), SIGKILL mid-epoch and resume, MLflow down, early stopping and schedules."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlic_dist.config import load_config
+from shard_fixtures import build_small_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_small_shards(tmp_path_factory.mktemp("shards"), n_train=48, n_val=14, n_test=12,
+                              num_classes=4, samples_per_shard=9)
+
+
+def overrides(shards, out, **extra):
+    base = {
+        "data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
+        "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
+        "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out,
+        "tracking.uri": f"sqlite:///{Path(out).parent / 'mlflow.db'}", "tracking.experiment": "test",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(cmd, cwd, timeout=300, env=None):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, f"{cmd}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-5000:]}"
+    return p
+
+
+def assert_run_dir(out: Path, n_val: int, n_test: int, c: int = 4):
+    for f in ("config.yaml", "classes.json", "thresholds.json", "metrics.json", "history.jsonl", "best_model.pt"):
+        assert (out / f).is_file(), f
+    assert np.load(out / "scores_val.npy").shape == (n_val, c)
+    assert np.load(out / "scores_test.npy").shape == (n_test, c)
+    assert len((out / "keys_test.txt").read_text().split()) == n_test
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"mAP", "top3", "thresh", "per_class"} <= set(m["val"]) and "test" in m
+    assert set(json.loads((out / "thresholds.json").read_text())) == set(json.loads((out / "classes.json").read_text()))
+    return m
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_train_in_process_writes_everything_and_tracks_to_mlflow(shards, tmp_path, loader):
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.train import train
+
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "configs/recipes/wang.yaml", overrides(shards, out, **{"data.loader": loader}))
+    result = train(cfg)
+    m = assert_run_dir(out, 14, 12)
+    assert m["epochs_run"] == 2 and result["val"]["mAP"] == m["val"]["mAP"]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.data.params["data.loader"] == loader and run.data.params["optim.head_lr"] == "0.1"
+    assert len(client.get_metric_history(run.info.run_id, "val_mAP")) == 2
+    assert "test_mAP" in run.data.metrics and run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "scores_test.npy"}
+
+
+def test_learns_the_fixture_task(shards, tmp_path):
+    from mlic_dist.train import train
+
+    cfg = load_config(None, overrides(shards, tmp_path / "run", **{
+        "train.epochs": 6, "optim.name": "adam", "optim.lr": 0.01, "optim.head_lr": 0.01,
+        "schedule.name": "none", "data.augment": "M1", "tracking.enabled": False}))
+    result = train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run/history.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result["val"]["mAP"] > 0.6  # chance is about the positive rate (~0.35)
+
+
+def test_accelerate_launch_cpu(shards, tmp_path):
+    out = tmp_path / "run"
+    run_cli([str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mlic_dist.train",
+             "--config", str(ROOT / "configs/recipes/wang.yaml"),
+             *overrides(shards, out, **{"train.epochs": 1, "tracking.enabled": False})], cwd=tmp_path)
+    assert_run_dir(out, 14, 12)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.dist
+def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path):
+    from mlic_dist.data import build_loader
+    from mlic_dist.models import create_model
+    from mlic_dist.train import param_digest
+
+    out = tmp_path / "run"
+    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(_free_port()), "-m", "mlic_dist.train",
+                 *overrides(shards, out, **{"tracking.enabled": False})], cwd=tmp_path)
+    m = assert_run_dir(out, 14, 12)
+    assert m["world_size"] == 2
+    # Both ranks agreed on the parameters (train.py gathers a digest per rank and raises otherwise);
+    # the last epoch's weights are in the newest checkpoint.
+    cfg = load_config(None, overrides(shards, out))
+    model = create_model("tiny_cnn", 4)
+    state = torch.load(sorted((out / "checkpoints").glob("e*"))[-1] / "state.pt", weights_only=True)
+    model.load_state_dict(state["model"])
+    assert param_digest(model) == m["param_digest"]
+    # The gathered val scores equal a single-process pass over the split, row by row in id order.
+    model.load_state_dict(torch.load(out / "best_model.pt", weights_only=True))
+    model.eval()
+    loader = build_loader(cfg.data, "val", train=False, rank=0, world_size=1, device=torch.device("cpu"), seed=0)
+    ref = np.zeros((14, 4), np.float32)
+    seen = []
+    with torch.no_grad():
+        for b in loader:
+            keep = b.ids >= 0
+            ref[b.ids[keep].numpy()] = torch.sigmoid(model(b.images[keep])).numpy()
+            seen += b.ids[keep].tolist()
+    assert sorted(seen) == list(range(14))
+    np.testing.assert_allclose(np.load(out / "scores_val.npy"), ref, atol=1e-5)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path):
+    common = {"train.epochs": 4, "train.checkpoint_every_steps": 2, "tracking.enabled": False}
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mlic_dist.train"]
+    run_cli(cmd + overrides(shards, ref_out, **common), cwd=tmp_path)
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd + overrides(shards, out, **common), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "checkpoints" / "e0001-s0000002"  # mid-way through the second epoch
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (out / "metrics.json").exists(), "the run ended before it could be killed"
+
+    p = run_cli(cmd + overrides(shards, out, **common), cwd=tmp_path)
+    assert "resumed from" in p.stdout
+    ref, got = json.loads((ref_out / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
+    assert got["val"]["mAP"] == pytest.approx(ref["val"]["mAP"], abs=1e-9)
+    assert got["test"]["mAP"] == pytest.approx(ref["test"]["mAP"], abs=1e-9)
+    assert got["param_digest"] == ref["param_digest"]
+    np.testing.assert_allclose(np.load(out / "scores_test.npy"), np.load(ref_out / "scores_test.npy"), atol=1e-7)
+
+
+def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path):
+    from mlic_dist.train import train
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cfg = load_config(None, overrides(shards, tmp_path / "run", **{"train.epochs": 1,
+                                                                   "tracking.uri": f"http://127.0.0.1:{port}"}))
+    with pytest.warns(UserWarning, match="MLflow"):
+        train(cfg)
+    assert_run_dir(tmp_path / "run", 14, 12)
+
+
+def test_early_stopping_plateau_and_best_checkpoint_follow_validation(shards, tmp_path, monkeypatch):
+    """Scripted validation losses drive the real loop: plateau (patience 2) halves the lr after the
+    3rd bad epoch, early stopping (4) ends the run, the best epoch has the lowest loss."""
+    import mlic_dist.train as T
+
+    losses = iter([1.0, 0.8, 0.9, 0.85, 0.95, 0.99])
+    real = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda run, loader, labels: {**real(run, loader, labels), "loss": next(losses)})
+    cfg = load_config(ROOT / "configs/recipes/advanced_cnn.yaml", overrides(shards, tmp_path / "run", **{
+        "model.backbone": "tiny_cnn", "data.size": 32, "train.epochs": 10, "train.early_stopping": 4,
+        "tracking.enabled": False}))
+    result = T.train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run/history.jsonl").read_text().splitlines()]
+    assert [h["val_loss"] for h in history] == [1.0, 0.8, 0.9, 0.85, 0.95, 0.99]
+    assert result["best_epoch"] == 1 and result["epochs_run"] == 6
+    # each epoch records the lr it trained with; the decay after epoch 4 shows in epoch 5
+    assert [h["lr"] for h in history] == pytest.approx([1e-3] * 5 + [5e-4])
+
+
+def test_step_schedule_decays_after_step_epochs(shards, tmp_path):
+    from mlic_dist.train import train
+
+    cfg = load_config(ROOT / "configs/recipes/wang.yaml", overrides(shards, tmp_path / "run", **{
+        "train.epochs": 3, "schedule.step_epochs": 2, "train.max_steps_per_epoch": 1, "tracking.enabled": False}))
+    train(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run/history.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.01, 0.001])
+    assert [h["head_lr"] for h in history] == pytest.approx([0.1, 0.1, 0.01])
+
+
+def test_bad_config_and_missing_shards_are_clear_errors(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.train", "data.sise=3"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "data.sise" in p.stderr and "Traceback" not in p.stderr
+    from mlic_dist.train import train
+
+    with pytest.raises(Exception, match="manifest"):
+        train(load_config(None, [f"data.shards={tmp_path / 'nowhere'}", "tracking.enabled=false",
+                                 "data.loader=torch", f"train.output_dir={tmp_path / 'o'}"]))
