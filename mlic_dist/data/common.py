@@ -187,10 +187,14 @@ def default_workers(num_workers: int) -> int:
 class LoaderBase:
     """`len`, `num_samples`, `set_epoch` and the device-side finish shared by both loaders."""
 
-    def __init__(self, data_cfg, split: str, plan: RankPlan, *, train: bool, rank: int,
-                 world_size: int, device, seed: int, num_classes: int):
+    def __init__(self, data_cfg, manifest, split: str, *, train: bool, rank: int,
+                 world_size: int, device, seed: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+        self.info = manifest.split(split)
+        batch = data_cfg.batch_size_per_gpu if train else data_cfg.eval_batch_size
+        plan = make_plan(split, self.info.num_samples, world_size, batch, train)
+        num_classes = manifest.num_classes
         self.cfg, self.split, self.plan = data_cfg, split, plan
         self.train, self.rank, self.world_size = train, rank, world_size
         self.device = torch.device(device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import BufferPool, LoaderBase, default_workers, make_plan, mix_seed
+from .common import BufferPool, LoaderBase, default_workers, mix_seed
 
 
 def _pipeline_def():
@@ -75,12 +75,8 @@ def resize_batch(padded: torch.Tensor, shapes: torch.Tensor, size: int, flips, a
 
 class DaliLoader(LoaderBase):
     def __init__(self, data_cfg, manifest, split, *, train, rank, world_size, device, seed):
-        info = manifest.split(split)
-        batch = data_cfg.batch_size_per_gpu if train else data_cfg.eval_batch_size
-        plan = make_plan(split, info.num_samples, world_size, batch, train)
-        super().__init__(data_cfg, split, plan, train=train, rank=rank, world_size=world_size,
-                         device=device, seed=seed, num_classes=manifest.num_classes)
-        self.info = info
+        super().__init__(data_cfg, manifest, split, train=train, rank=rank, world_size=world_size,
+                         device=device, seed=seed)
         self.on_gpu = self.device.type == "cuda"
         self.num_threads = default_workers(data_cfg.num_workers)
         self._u8_buffers = BufferPool(keep=2)

@@ -21,7 +21,7 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import LoaderBase, default_workers, make_plan, mix_seed
+from .common import LoaderBase, default_workers, mix_seed
 
 
 def _identity(urls):
@@ -145,12 +145,8 @@ class _RankStream(IterableDataset):
 
 class TorchLoader(LoaderBase):
     def __init__(self, data_cfg, manifest, split, *, train, rank, world_size, device, seed):
-        info = manifest.split(split)
-        batch = data_cfg.batch_size_per_gpu if train else data_cfg.eval_batch_size
-        plan = make_plan(split, info.num_samples, world_size, batch, train)
-        super().__init__(data_cfg, split, plan, train=train, rank=rank, world_size=world_size,
-                         device=device, seed=seed, num_classes=manifest.num_classes)
-        self.info = info
+        super().__init__(data_cfg, manifest, split, train=train, rank=rank, world_size=world_size,
+                         device=device, seed=seed)
         self.num_workers = default_workers(data_cfg.num_workers)
         self.transform = _transform(train, data_cfg.augment, data_cfg.size, data_cfg.rrc_scale,
                                     data_cfg.rrc_ratio)
