@@ -27,13 +27,13 @@ bench-shard: venv
 	$(BIN)/python bench/shard.py
 
 bench-loader: venv
-	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/loader.py --record
 
 bench-trainer: venv
 	$(BIN)/python bench/trainer.py
 
 bench-gpu: venv
-	$(BIN)/python bench/gpu.py
+	$(BIN)/python bench/gpu.py all --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
