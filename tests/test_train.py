@@ -107,7 +107,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.dist
-def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path, loader):
     from mlic_dist.data import build_loader
     from mlic_dist.models import create_model
     from mlic_dist.train import param_digest
@@ -115,12 +116,12 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     out = tmp_path / "run"
     p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                  "--master_port", str(_free_port()), "-m", "mlic_dist.train",
-                 *overrides(shards, out, **{"tracking.enabled": False})], cwd=tmp_path)
+                 *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader})], cwd=tmp_path)
     m = assert_run_dir(out, 14, 12)
     assert m["world_size"] == 2
     # Both ranks agreed on the parameters (train.py gathers a digest per rank and raises otherwise);
     # the last epoch's weights are in the newest checkpoint.
-    cfg = load_config(None, overrides(shards, out))
+    cfg = load_config(None, overrides(shards, out, **{"data.loader": loader}))
     model = create_model("tiny_cnn", 4)
     state = torch.load(sorted((out / "checkpoints").glob("e*"))[-1] / "state.pt", weights_only=True)
     model.load_state_dict(state["model"])
@@ -140,8 +141,10 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     np.testing.assert_allclose(np.load(out / "scores_val.npy"), ref, atol=1e-5)
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path):
-    common = {"train.epochs": 4, "train.checkpoint_every_steps": 2, "tracking.enabled": False}
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path, loader):
+    common = {"train.epochs": 4, "train.checkpoint_every_steps": 2, "tracking.enabled": False,
+              "data.loader": loader, "data.augment": "M3"}  # random crops, flips and mixup must replay
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     cmd = [sys.executable, "-m", "mlic_dist.train"]
     run_cli(cmd + overrides(shards, ref_out, **common), cwd=tmp_path)
