@@ -7,8 +7,8 @@ It is written under a temporary name and renamed when complete (a rename is atom
 so a directory with the final name is always whole; a killed write leaves only a `.tmp-*`
 directory, which the next save removes. `latest()` returns the newest complete checkpoint.
 
-Everything is stored as tensors, numbers, strings, lists and dicts, so `torch.load(...,
-weights_only=True)` reads it: no pickled code runs when a checkpoint is loaded.
+Everything is stored as tensors, numbers, strings, lists and dicts, so loading with
+`weights_only=True` reads it: no pickled code runs when a checkpoint is loaded.
 """
 from __future__ import annotations
 

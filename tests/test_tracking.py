@@ -1,5 +1,4 @@
 """Tracking against a real MLflow SQLite store, and a dead server that must not stop training."""
-import socket
 import time
 import warnings
 
@@ -41,16 +40,8 @@ def test_run_params_metrics_artifacts_in_a_real_store(tmp_path, monkeypatch):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def test_dead_server_warns_once_and_never_raises(tmp_path):
-    t = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{_closed_port()}", experiment="x"), tmp_path)
+def test_dead_server_warns_once_and_never_raises(tmp_path, free_port):
+    t = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{free_port}", experiment="x"), tmp_path)
     start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

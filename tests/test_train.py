@@ -3,7 +3,6 @@ torchrun (gloo), SIGKILL mid-epoch and resume, MLflow down, early stopping and s
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -98,24 +97,16 @@ def test_accelerate_launch_cpu(shards, tmp_path):
     assert_run_dir(out, 14, 12)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path, loader):
+def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path, loader, free_port):
     from mlic_dist.data import build_loader
     from mlic_dist.models import create_model
     from mlic_dist.train import param_digest
 
     out = tmp_path / "run"
     p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(_free_port()), "-m", "mlic_dist.train",
+                 "--master_port", str(free_port), "-m", "mlic_dist.train",
                  *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader})], cwd=tmp_path)
     m = assert_run_dir(out, 14, 12)
     assert m["world_size"] == 2
@@ -169,15 +160,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path,
     np.testing.assert_allclose(np.load(out / "scores_test.npy"), np.load(ref_out / "scores_test.npy"), atol=1e-7)
 
 
-def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path):
+def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path, free_port):
     from mlic_dist.train import train
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
     cfg = load_config(None, overrides(shards, tmp_path / "run", **{"train.epochs": 1,
-                                                                   "tracking.uri": f"http://127.0.0.1:{port}"}))
+                                                                   "tracking.uri": f"http://127.0.0.1:{free_port}"}))
     with pytest.warns(UserWarning, match="MLflow"):
         train(cfg)
     assert_run_dir(tmp_path / "run", 14, 12)
