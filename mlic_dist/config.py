@@ -196,6 +196,8 @@ class TrainConfig:
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
         _check_positive("train.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("train.keep_checkpoints", self.keep_checkpoints)
+        _check_positive("train.log_every_steps", self.log_every_steps)
+        _check_positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("train.resume='' is not valid; use auto, never or a checkpoint directory")
 

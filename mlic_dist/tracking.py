@@ -11,7 +11,6 @@ MLflow is imported lazily so a trainer without it runs with tracking off.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -62,6 +61,7 @@ class Tracker:
         self.run_id: str | None = None
         self._down_since: float | None = None
         self._warned = False
+        self._start_args: tuple | None = None  # kept to retry a start the server refused
 
     # ------------------------------------------------------------------ guarded calls
 
@@ -87,7 +87,8 @@ class Tracker:
     # ------------------------------------------------------------------ run lifecycle
 
     def start(self, params: dict, resume_run_id: str | None = None, tags: dict | None = None) -> str | None:
-        """Open (or re-open, after a resume) the run; returns its id."""
+        """Open (or re-open, after a resume) the run; returns its id. If the server is down, the
+        start is retried (after `retry_s`) by the next call that logs something."""
         if not self.active:
             return None
         try:
@@ -97,6 +98,11 @@ class Tracker:
             self.active = False
             return None
         self.client = MlflowClient(tracking_uri=resolve_uri(self.cfg.uri))
+        self._start_args = (params, resume_run_id, tags)
+        return self._try_start()
+
+    def _try_start(self) -> str | None:
+        params, resume_run_id, tags = self._start_args
 
         def _start():
             if resume_run_id:
@@ -116,6 +122,14 @@ class Tracker:
             self.log_params(params)
         return self.run_id
 
+    def _ready(self) -> bool:
+        """A run is open, or a retried start just opened it."""
+        if not self.active or self.client is None:
+            return False
+        if self.run_id is None and self._start_args is not None:
+            self._try_start()
+        return self.run_id is not None
+
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
@@ -124,7 +138,7 @@ class Tracker:
             self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if not self.active or not self.run_id:
+        if not self._ready():
             return
         from mlflow.entities import Metric
 
@@ -134,24 +148,18 @@ class Tracker:
         self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: dict) -> None:
-        if not self.active or not self.run_id:
+        if not self._ready():
             return
         for k, v in tags.items():
             self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
 
     def log_artifacts(self, paths: list[Path]) -> None:
-        if not self.active or not self.run_id or not self.cfg.log_artifacts:
+        if not self.cfg.log_artifacts or not self._ready():
             return
         for p in paths:
             if Path(p).is_file():
                 self._call("log_artifact", self.client.log_artifact, self.run_id, str(p))
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id:
+        if self._ready():
             self._call("end_run", self.client.set_terminated, self.run_id, status)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """The run directory's own record (kept whether or not MLflow is reachable)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -7,7 +7,8 @@ one GPU:           accelerate launch -m mlic_dist.train --config configs/voc2007
                        --main_process_ip HOST --main_process_port 29500 --num_processes 16 \
                        -m mlic_dist.train --config ...
 torchrun:          torchrun --nproc_per_node 2 -m mlic_dist.train --config ... (gloo on CPU)
-Ray Train workers call `train(cfg)` too (launch/sweep.py).
+Ray Train workers call `train(cfg)` too (launch/sweep.py). Several nodes must share
+`train.output_dir` and the shards (a shared filesystem): every rank reads and writes them.
 
 Flow: build (accelerator, manifest, model, optimizer, schedule, loaders) -> resume -> for each
 epoch: train_one_epoch -> evaluate on the validation split (never test) -> schedule, best
@@ -18,9 +19,11 @@ config.yaml, classes.json, scores_/targets_/keys_{val,test}, thresholds.json, me
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -38,7 +41,8 @@ from .config import Config, flatten, load_config, save_config, to_dict
 from .data import build_loader, read_manifest
 from .data.labels import read_split_labels
 from .models import create_model
-from .tracking import Tracker, append_jsonl
+from .scoring import check_ranks_in_sync, evaluate, param_digest, predict_split, unwrap  # noqa: F401
+from .tracking import Tracker
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TrainState:
     best_value: float = float("nan")
     best_epoch: int = -1
     bad_epochs: int = 0            # epochs since the best (early stopping)
+    stopped: bool = False          # early stopping fired (survives a crash right after it)
     run_id: str = ""               # MLflow run, re-opened after a resume
     history: list = field(default_factory=list)
 
@@ -66,6 +71,7 @@ class Run:
     scheduler: object
     train_loader: object
     val_loader: object
+    test_loader: object            # None when there is no test split to score
     classes: list
     out: Path
     tracker: Tracker
@@ -139,13 +145,6 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _unwrap(accelerator, model):
-    try:
-        return accelerator.unwrap_model(model, keep_torch_compile=False)
-    except TypeError:  # older accelerate
-        return accelerator.unwrap_model(model)
-
-
 # --------------------------------------------------------------------------- epoch loops
 
 
@@ -165,17 +164,17 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(total=steps_total, initial=run.state.step_in_epoch, disable=not run.is_main,
                desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
-    for i, batch in enumerate(loader):
-        if i >= n_batches:
-            break
-        if i < skip_batches:
+    for i, batch in enumerate(itertools.islice(loader, n_batches)):
+        if i < skip_batches:  # the loaders replay an epoch exactly, so skipping restores the position
             continue
         last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
+        # A short last window (n_batches not a multiple of accum) averages over its own size.
+        window = min(accum, n_batches - (i // accum) * accum)
         ctx = acc.no_sync(model) if not last_micro else _nullcontext()
         with ctx:
             logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
             loss = masked_bce(logits, batch.targets, batch.mask)
-            acc.backward(loss / accum)
+            acc.backward(loss / window)
         loss_sum += loss.detach()
         seen += batch.images.shape[0]
         if not last_micro:
@@ -213,47 +212,6 @@ class _nullcontext:
         return False
 
 
-@torch.no_grad()
-def predict_split(run: Run, loader, num_samples: int) -> tuple[np.ndarray, float]:
-    """Probabilities (N, C) in id order (every sample exactly once, padding dropped) and the
-    mean validation loss over those samples, gathered from all ranks."""
-    from accelerate.utils import gather_object
-
-    model, acc = run.model, run.accelerator
-    model.eval()
-    ids, probs, losses = [], [], []
-    for batch in loader:
-        logits = model(batch.images).float()  # (B, C)
-        per_sample = (F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
-                      * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1.0)  # (B,)
-        keep = batch.ids >= 0
-        ids.append(batch.ids[keep].cpu())
-        probs.append(torch.sigmoid(logits[keep]).cpu())
-        losses.append(per_sample[keep].cpu())
-    local = (torch.cat(ids).numpy(), torch.cat(probs).numpy(), torch.cat(losses).numpy())
-    parts = gather_object([local]) if acc.num_processes > 1 else [local]
-    all_ids = np.concatenate([p[0] for p in parts])
-    all_probs = np.concatenate([p[1] for p in parts])
-    all_losses = np.concatenate([p[2] for p in parts])
-    order = np.argsort(all_ids, kind="stable")
-    all_ids, all_probs, all_losses = all_ids[order], all_probs[order], all_losses[order]
-    # Padding repeats real samples on some ranks; keep the first copy of each id.
-    first = np.concatenate([[True], all_ids[1:] != all_ids[:-1]]) if len(all_ids) else np.zeros(0, bool)
-    all_ids, all_probs, all_losses = all_ids[first], all_probs[first], all_losses[first]
-    if len(all_ids) != num_samples or (num_samples and (all_ids[0] != 0 or all_ids[-1] != num_samples - 1)):
-        raise RuntimeError(f"evaluation scored {len(all_ids)} distinct samples, the split has {num_samples}: "
-                           f"the loader lost or invented samples")
-    model.train()
-    return all_probs.astype(np.float32), float(all_losses.mean()) if len(all_losses) else float("nan")
-
-
-def evaluate(run: Run, loader, labels: np.ndarray) -> dict:
-    probs, loss = predict_split(run, loader, len(labels))
-    ap = metrics.average_precision(probs, labels)
-    valid = ~np.isnan(ap)
-    return {"loss": loss, "mAP": float(ap[valid].mean()) if valid.any() else float("nan"), "probs": probs}
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -262,18 +220,49 @@ def save_checkpoint(run: Run) -> Path:
     payload = None
     if run.is_main:
         payload = {
-            "model": _unwrap(acc, run.model).state_dict(),
+            "model": unwrap(acc, run.model).state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
             "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
             "trainer": run.state.to_dict(),
             "config": to_dict(run.cfg),
         }
-    best = run.out / "checkpoints" / "best"
     return checkpoint.save(run.out, epoch=run.state.epoch, step=run.state.step_in_epoch,
                            rank=acc.process_index, world_size=acc.num_processes, payload=payload,
-                           barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints,
-                           protect=(best,))
+                           barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints)
+
+
+def _best_file(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"best-e{epoch:04d}.pt"
+
+
+def publish_best(run: Run) -> None:
+    """best_model.pt <- the weights of the epoch the trainer state calls best (rank 0).
+
+    New best weights are written as checkpoints/best-eNNNN.pt *before* the checkpoint whose
+    state names them, and published here *after* it: a crash anywhere in between leaves either
+    an unreferenced candidate (deleted here on resume) or a stale best_model.pt (replaced here),
+    never a best_model.pt that disagrees with the state."""
+    if not run.is_main or run.state.best_epoch < 0:
+        return
+    src = _best_file(run.out, run.state.best_epoch)
+    if src.is_file():
+        tmp = run.out / "best_model.pt.tmp"
+        # A copy, not a hard link: a tool that rewrites best_model.pt in place must not
+        # change the file the checkpoint refers to.
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, run.out / "best_model.pt")
+    for p in (run.out / "checkpoints").glob("best-e*.pt"):
+        if p != src:
+            p.unlink(missing_ok=True)
+
+
+def write_history(run: Run) -> None:
+    """history.jsonl from the trainer state (rewritten whole, so a resume never duplicates lines)."""
+    if run.is_main:
+        tmp = run.out / "history.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in run.state.history))
+        os.replace(tmp, run.out / "history.jsonl")
 
 
 def maybe_resume(run: Run) -> None:
@@ -284,7 +273,7 @@ def maybe_resume(run: Run) -> None:
     if path is None:
         return
     state, rng = checkpoint.load(path, run.accelerator.process_index)
-    _unwrap(run.accelerator, run.model).load_state_dict(state["model"])
+    unwrap(run.accelerator, run.model).load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])
@@ -296,6 +285,7 @@ def maybe_resume(run: Run) -> None:
     elif state.get("world_size") != run.accelerator.num_processes:
         warnings.warn(f"{path} was written by {state.get('world_size')} processes, this run has "
                       f"{run.accelerator.num_processes}: model and optimizer resume, RNG streams restart")
+    publish_best(run)
     if run.is_main:
         print(f"resumed from {path} (epoch {run.state.epoch}, step {run.state.step_in_epoch})", flush=True)
 
@@ -330,15 +320,24 @@ def build_run(cfg: Config) -> Run:
     loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
     val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
+    test_loader = None  # built now so a split too small for the world size fails before training
+    if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
+        test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
     if cfg.model.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
     out = Path(cfg.train.output_dir)
+    used = [f for f in ("checkpoints", "history.jsonl", "best_model.pt") if (out / f).exists()]
+    if cfg.train.resume == "never" and used:
+        raise ValueError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(used)}) and "
+                         f"train.resume=never would mix the two: use a new output_dir, or "
+                         f"train.resume=auto to continue that run")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
-    return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, classes, out, tracker, TrainState())
+    return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
+               tracker, TrainState())
 
 
 def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict:
@@ -358,7 +357,7 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
                                                "size": cfg.data.size}) or run.state.run_id
     status = "FAILED"
     try:
-        while run.state.epoch < cfg.train.epochs:
+        while run.state.epoch < cfg.train.epochs and not run.state.stopped:
             epoch = run.state.epoch
             record = {"epoch": epoch, **train_one_epoch(run, epoch)}
             val = evaluate(run, run.val_loader, val_labels)
@@ -371,26 +370,25 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
             value = record[cfg.train.select_metric]
             if _improved(cfg, value, run.state.best_value):
                 run.state.best_value, run.state.best_epoch, run.state.bad_epochs = value, epoch, 0
-                if run.is_main:
-                    checkpoint.save_weights(_unwrap(acc, run.model).state_dict(), out / "best_model.pt")
+                if run.is_main:  # a candidate until the checkpoint below names it (publish_best)
+                    checkpoint.save_weights(unwrap(acc, run.model).state_dict(), _best_file(out, epoch))
             else:
                 run.state.bad_epochs += 1
             record["best_" + cfg.train.select_metric] = run.state.best_value
             run.state.history.append(record)
-            stop = bool(cfg.train.early_stopping) and run.state.bad_epochs >= cfg.train.early_stopping
+            run.state.stopped = bool(cfg.train.early_stopping) and run.state.bad_epochs >= cfg.train.early_stopping
             run.state.epoch, run.state.step_in_epoch = epoch + 1, 0
             save_checkpoint(run)
+            publish_best(run)
+            write_history(run)
             if run.is_main:
-                append_jsonl(out / "history.jsonl", record)
                 print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
             run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             if epoch_hook is not None:
                 epoch_hook(record)
-            if stop:
-                if run.is_main:
-                    print(f"early stopping: no {cfg.train.select_metric} improvement for "
-                          f"{run.state.bad_epochs} epochs (best epoch {run.state.best_epoch})", flush=True)
-                break
+        if run.state.stopped and run.is_main:
+            print(f"early stopping: no {cfg.train.select_metric} improvement for {run.state.bad_epochs} "
+                  f"epochs (best epoch {run.state.best_epoch})", flush=True)
         result = finalize(run, val_labels)
         status = "FINISHED"
         return result
@@ -398,42 +396,19 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
         run.tracker.finish(status)
 
 
-def param_digest(model) -> str:
-    """A checksum of the parameters (DDP ranks must agree bit for bit)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_ranks_in_sync(run: Run) -> str:
-    """Raise if the ranks' parameters diverged (a DDP bug would show here first)."""
-    from accelerate.utils import gather_object
-
-    digest = param_digest(_unwrap(run.accelerator, run.model))
-    digests = gather_object([digest]) if run.accelerator.num_processes > 1 else [digest]
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"parameters differ across ranks after training: {digests}")
-    return digest
-
-
 def finalize(run: Run, val_labels: np.ndarray) -> dict:
     """Best weights -> val/test scores, thresholds tuned on val, files in the run directory."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
     last_digest = check_ranks_in_sync(run)
-    best_file = out / "best_model.pt"
+    publish_best(run)
     acc.wait_for_everyone()
+    best_file = out / "best_model.pt"
     if best_file.is_file():
         sd = torch.load(best_file, map_location="cpu", weights_only=True)
-        _unwrap(acc, run.model).load_state_dict(sd)
+        unwrap(acc, run.model).load_state_dict(sd)
     splits = {"val": (run.val_loader, cfg.data.val_split)}
-    manifest = read_manifest(cfg.data.shards)
-    if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
-        test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, rank=acc.process_index,
-                                   world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
-        splits["test"] = (test_loader, cfg.data.test_split)
+    if run.test_loader is not None:
+        splits["test"] = (run.test_loader, cfg.data.test_split)
     result: dict = {"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.history),
                     "select_metric": cfg.train.select_metric, "world_size": acc.num_processes,
                     "param_digest": last_digest}

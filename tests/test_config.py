@@ -36,6 +36,8 @@ def test_yaml_bases_and_overrides(tmp_path):
     ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16"]),
     ("data.test_split=val", ["val_split", "test"]),
     ("data.size", ["key=value"]),
+    ("train.log_every_steps=0", ["train.log_every_steps", "> 0"]),
+    ("train.max_steps_per_epoch=-1", ["train.max_steps_per_epoch", ">= 0"]),
 ])
 def test_bad_keys_and_values_name_the_key_value_and_choices(override, words):
     with pytest.raises(ConfigError) as e:

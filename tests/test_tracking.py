@@ -58,3 +58,27 @@ def test_disabled_and_non_main_rank_do_nothing(tmp_path, monkeypatch):
     assert Tracker(TrackingConfig(enabled=False), tmp_path).start({"a": 1}) is None
     assert Tracker(TrackingConfig(), tmp_path, active=False).start({"a": 1}) is None
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_start_refused_by_the_server_is_retried(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = MlflowClient.create_run
+    calls = []
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("server restarting")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MlflowClient, "create_run", flaky)
+    t = Tracker(TrackingConfig(uri=uri, experiment="r"), tmp_path, retry_s=0)
+    with pytest.warns(UserWarning, match="MLflow"):
+        assert t.start({"a": 1}) is None
+    t.log_metrics({"loss": 0.5}, step=0)  # retries the start, then logs
+    t.finish()
+    assert t.run_id is not None and len(calls) == 2
+    run = MlflowClient(uri).get_run(t.run_id)
+    assert run.data.params == {"a": "1"} and run.data.metrics == {"loss": 0.5}

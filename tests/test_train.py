@@ -135,7 +135,8 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path, loader):
     common = {"train.epochs": 4, "train.checkpoint_every_steps": 2, "tracking.enabled": False,
-              "data.loader": loader, "data.augment": "M3"}  # random crops, flips and mixup must replay
+              "data.loader": loader, "data.augment": "M3",  # random crops, flips and mixup must replay
+              "model.dropout": 0.3}                          # and so must dropout's RNG stream
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     cmd = [sys.executable, "-m", "mlic_dist.train"]
     run_cli(cmd + overrides(shards, ref_out, **common), cwd=tmp_path)
@@ -185,6 +186,10 @@ def test_early_stopping_plateau_and_best_checkpoint_follow_validation(shards, tm
     history = [json.loads(line) for line in (tmp_path / "run/history.jsonl").read_text().splitlines()]
     assert [h["val_loss"] for h in history] == [1.0, 0.8, 0.9, 0.85, 0.95, 0.99]
     assert result["best_epoch"] == 1 and result["epochs_run"] == 6
+    # The stop is part of the checkpoint: running the command again trains no further epoch
+    # (the scripted losses are used up, so another epoch would raise StopIteration).
+    again = T.train(cfg)
+    assert again["epochs_run"] == 6 and again["val"]["mAP"] == pytest.approx(result["val"]["mAP"])
     # each epoch records the lr it trained with; the decay after epoch 4 shows in epoch 5
     assert [h["lr"] for h in history] == pytest.approx([1e-3] * 5 + [5e-4])
 
@@ -209,3 +214,51 @@ def test_bad_config_and_missing_shards_are_clear_errors(tmp_path):
     with pytest.raises(Exception, match="manifest"):
         train(load_config(None, [f"data.shards={tmp_path / 'nowhere'}", "tracking.enabled=false",
                                  "data.loader=torch", f"train.output_dir={tmp_path / 'o'}"]))
+
+
+def test_best_model_follows_the_checkpoint_after_a_crash_between_them(shards, tmp_path):
+    """A new best is a candidate file until the checkpoint naming it is written; a crash in
+    between must not leave a best_model.pt the trainer state does not describe."""
+    from mlic_dist.train import train
+
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(shards, out, **{"tracking.enabled": False}))
+    first = train(cfg)
+    best = torch.load(out / "best_model.pt", weights_only=True)
+    # the crash: a later epoch's candidate written, best_model.pt half-published, no checkpoint
+    zeros = {k: torch.zeros_like(v) for k, v in best.items()}
+    torch.save(zeros, out / "checkpoints" / "best-e0009.pt")
+    torch.save(zeros, out / "best_model.pt")
+    again = train(cfg)  # resume=auto: nothing left to train, finalize again
+    assert not (out / "checkpoints" / "best-e0009.pt").exists()
+    restored = torch.load(out / "best_model.pt", weights_only=True)
+    assert all(torch.equal(best[k], restored[k]) for k in best)
+    assert again["test"]["mAP"] == pytest.approx(first["test"]["mAP"])
+
+
+def test_resume_never_refuses_a_used_output_dir(shards, tmp_path):
+    from mlic_dist.train import train
+
+    out = tmp_path / "run"
+    train(load_config(None, overrides(shards, out, **{"train.epochs": 1, "tracking.enabled": False})))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(load_config(None, overrides(shards, out, **{"train.resume": "never", "tracking.enabled": False})))
+
+
+def test_unwrap_strips_ddp_and_compile_in_either_order(free_port):
+    import torch.distributed as dist
+    from accelerate.utils import extract_model_from_parallel
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mlic_dist.scoring import unwrap
+
+    class Acc:  # the one Accelerator method unwrap() uses
+        unwrap_model = staticmethod(extract_model_from_parallel)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        for wrapped in (DDP(torch.compile(net)), torch.compile(DDP(net)), DDP(net), torch.compile(net)):
+            assert list(unwrap(Acc, wrapped).state_dict()) == ["0.weight", "0.bias"]
+    finally:
+        dist.destroy_process_group()

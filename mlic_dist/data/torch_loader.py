@@ -156,9 +156,12 @@ class TorchLoader(LoaderBase):
         stream = _RankStream(self.info.shards, self.plan, lo, hi, self.train, self.transform,
                              max(1, self.cfg.shuffle_buffer), self.seed, self.epoch, self.rank)
         workers = min(self.num_workers, len(self))
+        # Its own generator: DataLoader otherwise draws its base seed from the global torch RNG at
+        # every iter(), which shifts dropout after a mid-epoch resume (workers seed themselves).
         dl = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
                         pin_memory=self.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None,
+                        generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 6)))
         mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
         count = 0
         for images, labels, ids in dl:
