@@ -165,7 +165,9 @@ def make_trainer_run(cfg, loader, num_classes: int):
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     classes = [f"c{i}" for i in range(num_classes)]
-    return Run(cfg, acc, model, optimizer, None, loader, None, classes, out, tracker, TrainState())
+    return Run(cfg=cfg, accelerator=acc, model=model, optimizer=optimizer, scheduler=None,
+               train_loader=loader, val_loader=None, test_loader=None, classes=classes, out=out,
+               tracker=tracker, state=TrainState())
 
 
 def time_trainer_epoch(run, epoch: int) -> tuple[float, dict]:
