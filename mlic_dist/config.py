@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 
@@ -415,5 +415,3 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             rows.append((prefix + f.name, repr(getattr(inst, f.name)), docs.get(f.name, "")))
     return rows
 
-
-AUGMENT_PRESETS: dict[str, Literal["M0", "M1", "M2", "M3"]] = {"M0": "M0", "M1": "M1", "M2": "M2", "M3": "M3"}

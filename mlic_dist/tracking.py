@@ -147,12 +147,6 @@ class Tracker:
                  if isinstance(v, (int, float)) and v == v]  # NaN never reaches the store
         self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
-    def set_tags(self, tags: dict) -> None:
-        if not self._ready():
-            return
-        for k, v in tags.items():
-            self._call("set_tag", self.client.set_tag, self.run_id, k, str(v))
-
     def log_artifacts(self, paths: list[Path]) -> None:
         if not self.cfg.log_artifacts or not self._ready():
             return

@@ -19,6 +19,7 @@ config.yaml, classes.json, scores_/targets_/keys_{val,test}, thresholds.json, me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -170,7 +171,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
         # A short last window (n_batches not a multiple of accum) averages over its own size.
         window = min(accum, n_batches - (i // accum) * accum)
-        ctx = acc.no_sync(model) if not last_micro else _nullcontext()
+        ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
         with ctx:
             logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
             loss = masked_bce(logits, batch.targets, batch.mask)
@@ -202,14 +203,6 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
     images_per_s = seen * acc.num_processes / max(dt, 1e-9)
     return {"train_loss": mean_loss, "images_per_s": images_per_s, "epoch_time_s": dt}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -351,7 +344,7 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     if run.is_main:
         save_config(cfg, out / "config.yaml")
         (out / "classes.json").write_text(json.dumps(run.classes))
-    _, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
+    val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
     run.state.run_id = run.tracker.start(flatten(to_dict(cfg)), resume_run_id=run.state.run_id or None,
                                          tags={"backbone": cfg.model.backbone, "augment": cfg.data.augment,
                                                "size": cfg.data.size}) or run.state.run_id
@@ -389,14 +382,14 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
         if run.state.stopped and run.is_main:
             print(f"early stopping: no {cfg.train.select_metric} improvement for {run.state.bad_epochs} "
                   f"epochs (best epoch {run.state.best_epoch})", flush=True)
-        result = finalize(run, val_labels)
+        result = finalize(run, val_keys, val_labels)
         status = "FINISHED"
         return result
     finally:
         run.tracker.finish(status)
 
 
-def finalize(run: Run, val_labels: np.ndarray) -> dict:
+def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     """Best weights -> val/test scores, thresholds tuned on val, files in the run directory."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
     last_digest = check_ranks_in_sync(run)
@@ -414,8 +407,7 @@ def finalize(run: Run, val_labels: np.ndarray) -> dict:
                     "param_digest": last_digest}
     thresholds = None
     for name, (loader, split) in splits.items():
-        keys, labels = (read_split_labels(cfg.data.shards, split) if name != "val"
-                        else (read_split_labels(cfg.data.shards, split)[0], val_labels))
+        keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
         probs, loss = predict_split(run, loader, len(labels))
         if name == "val":
             thresholds = metrics.tune_thresholds(probs, labels)

@@ -1,4 +1,5 @@
 """Config: defaults < YAML (with bases) < overrides; unknown keys and bad values name the key."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_round_trip_flatten_and_replace(tmp_path):
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Config().data.size = 3  # type: ignore[misc]
 
 
