@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mlic_dist import metrics
+from mlic_dist import metrics, rundir
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
@@ -47,27 +47,6 @@ def load_classes(path: Path) -> list[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"classes file {path} must hold a JSON list of class names (strings)")
     return names
-
-
-def load_run(run_dir: Path, split: str = "test") -> dict:
-    """{"scores", "targets", "classes", "thresholds" (None when the run has no thresholds.json)}."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"--run-dir {run_dir} is not a directory")
-    scores = load_array(run_dir / f"scores_{split}.npy", "scores")
-    targets = load_array(run_dir / f"targets_{split}.npy", "targets")
-    classes = load_classes(run_dir / "classes.json")
-    keys_file = run_dir / f"keys_{split}.txt"
-    if keys_file.is_file() and scores.ndim == 2:
-        # A row count that disagrees with the keys means the arrays were not de-duplicated.
-        num_keys = len(keys_file.read_text().splitlines())
-        if num_keys != scores.shape[0]:
-            raise ValueError(f"{keys_file} lists {num_keys} keys but scores have {scores.shape[0]} "
-                             "rows; the run's saved outputs are inconsistent")
-    thresholds_file = run_dir / "thresholds.json"
-    thresholds = (metrics.load_thresholds(thresholds_file, classes)
-                  if thresholds_file.is_file() else None)
-    return {"scores": scores, "targets": targets, "classes": classes, "thresholds": thresholds}
 
 
 def _pct(value: Optional[float]) -> str:
@@ -104,9 +83,10 @@ def format_table(result: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Loads what the arguments name and returns `metrics.evaluate`'s dict."""
     if args.run_dir is not None:
-        loaded = load_run(args.run_dir, args.split)
-        scores, targets, classes = loaded["scores"], loaded["targets"], loaded["classes"]
-        thresholds = loaded["thresholds"] if args.threshold is None else None
+        run = rundir.load_run(args.run_dir, splits=[args.split])
+        split = run.split(args.split)
+        scores, targets, classes = split.scores, split.targets, run.classes
+        thresholds = run.thresholds if args.threshold is None else None
     else:
         scores = load_array(args.scores, "scores")
         targets = load_array(args.targets, "targets")

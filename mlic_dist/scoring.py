@@ -2,40 +2,23 @@
 
 The loaders pad each rank to the same number of batches (padding rows carry id -1, and a rank's
 last real sample may repeat); `predict_split` drops the padding, gathers (ids, probabilities,
-losses) from every rank, keeps one copy of each id and checks that the split is complete. Also
-the digest that proves DDP ranks hold identical weights. Functions take any object with
-`.model` and `.accelerator` (train.Run).
+losses) from every rank, keeps one copy of each id and checks that the split is complete.
+Functions take any object with `.model` and `.accelerator` (train.Run).
 """
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import metrics
-
-
-def unwrap(accelerator, model) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile, whatever their order: checkpoints have the
-    same keys for 1 or N processes, compiled or not. (Accelerate looks for a compiled model only
-    above DDP; `compile` then `prepare` puts it below, so `_orig_mod` is stripped here too.)"""
-    try:
-        m = accelerator.unwrap_model(model, keep_torch_compile=False)
-    except TypeError:  # older accelerate
-        m = accelerator.unwrap_model(model)
-    while hasattr(m, "_orig_mod"):
-        m = m._orig_mod
-    return m
+from .distributed import gather
 
 
 @torch.no_grad()
 def predict_split(run, loader, num_samples: int) -> tuple[np.ndarray, float]:
     """Probabilities (N, C) in id order (every sample exactly once, padding dropped) and the
     mean validation loss over those samples, gathered from all ranks."""
-    from accelerate.utils import gather_object
-
     model, acc = run.model, run.accelerator
     model.eval()
     ids, probs, losses = [], [], []
@@ -48,7 +31,7 @@ def predict_split(run, loader, num_samples: int) -> tuple[np.ndarray, float]:
         probs.append(torch.sigmoid(logits[keep]).cpu())
         losses.append(per_sample[keep].cpu())
     local = (torch.cat(ids).numpy(), torch.cat(probs).numpy(), torch.cat(losses).numpy())
-    parts = gather_object([local]) if acc.num_processes > 1 else [local]
+    parts = gather(acc, local)
     all_ids = np.concatenate([p[0] for p in parts])
     all_probs = np.concatenate([p[1] for p in parts])
     all_losses = np.concatenate([p[2] for p in parts])
@@ -69,22 +52,3 @@ def evaluate(run, loader, labels: np.ndarray) -> dict:
     ap = metrics.average_precision(probs, labels)
     valid = ~np.isnan(ap)
     return {"loss": loss, "mAP": float(ap[valid].mean()) if valid.any() else float("nan"), "probs": probs}
-
-
-def param_digest(model) -> str:
-    """A checksum of the parameters (DDP ranks must agree bit for bit)."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_ranks_in_sync(run) -> str:
-    """Raise if the ranks' parameters diverged (a DDP bug would show here first)."""
-    from accelerate.utils import gather_object
-
-    digest = param_digest(unwrap(run.accelerator, run.model))
-    digests = gather_object([digest]) if run.accelerator.num_processes > 1 else [digest]
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"parameters differ across ranks after training: {digests}")
-    return digest

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, metrics
-from .config import Config, flatten, load_config, save_config, to_dict
+from . import checkpoint, metrics, rundir
+from .config import Config, flatten, load_config, to_dict
 from .data import build_loader, read_manifest
 from .data.labels import read_split_labels
 from .models import create_model
-from .scoring import check_ranks_in_sync, evaluate, param_digest, predict_split, unwrap  # noqa: F401
+from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
+from .scoring import evaluate, predict_split
 from .tracking import Tracker
 
 
@@ -226,7 +227,7 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def _best_file(out: Path, epoch: int) -> Path:
-    return out / "checkpoints" / f"best-e{epoch:04d}.pt"
+    return out / rundir.CHECKPOINTS / f"best-e{epoch:04d}.pt"
 
 
 def publish_best(run: Run) -> None:
@@ -240,22 +241,14 @@ def publish_best(run: Run) -> None:
         return
     src = _best_file(run.out, run.state.best_epoch)
     if src.is_file():
-        tmp = run.out / "best_model.pt.tmp"
+        tmp = run.out / (rundir.BEST_MODEL + ".tmp")
         # A copy, not a hard link: a tool that rewrites best_model.pt in place must not
         # change the file the checkpoint refers to.
         shutil.copyfile(src, tmp)
-        os.replace(tmp, run.out / "best_model.pt")
-    for p in (run.out / "checkpoints").glob("best-e*.pt"):
+        os.replace(tmp, run.out / rundir.BEST_MODEL)
+    for p in (run.out / rundir.CHECKPOINTS).glob("best-e*.pt"):
         if p != src:
             p.unlink(missing_ok=True)
-
-
-def write_history(run: Run) -> None:
-    """history.jsonl from the trainer state (rewritten whole, so a resume never duplicates lines)."""
-    if run.is_main:
-        tmp = run.out / "history.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in run.state.history))
-        os.replace(tmp, run.out / "history.jsonl")
 
 
 def maybe_resume(run: Run) -> None:
@@ -320,7 +313,7 @@ def build_run(cfg: Config) -> Run:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
     out = Path(cfg.train.output_dir)
-    used = [f for f in ("checkpoints", "history.jsonl", "best_model.pt") if (out / f).exists()]
+    used = [f for f in (rundir.CHECKPOINTS, rundir.HISTORY, rundir.BEST_MODEL) if (out / f).exists()]
     if cfg.train.resume == "never" and used:
         raise ValueError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(used)}) and "
                          f"train.resume=never would mix the two: use a new output_dir, or "
@@ -342,8 +335,8 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     maybe_resume(run)
     out, acc = run.out, run.accelerator
     if run.is_main:
-        save_config(cfg, out / "config.yaml")
-        (out / "classes.json").write_text(json.dumps(run.classes))
+        rundir.write_config(out, to_dict(cfg))
+        rundir.write_classes(out, run.classes)
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
     run.state.run_id = run.tracker.start(flatten(to_dict(cfg)), resume_run_id=run.state.run_id or None,
                                          tags={"backbone": cfg.model.backbone, "augment": cfg.data.augment,
@@ -373,7 +366,8 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
             run.state.epoch, run.state.step_in_epoch = epoch + 1, 0
             save_checkpoint(run)
             publish_best(run)
-            write_history(run)
+            if run.is_main:
+                rundir.write_history(out, run.state.history)
             if run.is_main:
                 print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
             run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
@@ -392,10 +386,10 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
 def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     """Best weights -> val/test scores, thresholds tuned on val, files in the run directory."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
-    last_digest = check_ranks_in_sync(run)
+    last_digest = check_ranks_in_sync(acc, run.model)
     publish_best(run)
     acc.wait_for_everyone()
-    best_file = out / "best_model.pt"
+    best_file = out / rundir.BEST_MODEL
     if best_file.is_file():
         sd = torch.load(best_file, map_location="cpu", weights_only=True)
         unwrap(acc, run.model).load_state_dict(sd)
@@ -415,12 +409,10 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
         report["loss"] = loss
         result[name] = report
         if run.is_main:
-            np.save(out / f"scores_{name}.npy", probs)
-            np.save(out / f"targets_{name}.npy", labels)
-            (out / f"keys_{name}.txt").write_text("\n".join(keys) + "\n")
+            rundir.write_split(out, name, probs, labels, keys)
     if run.is_main:
-        metrics.save_thresholds(out / "thresholds.json", thresholds, run.classes)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        rundir.write_thresholds(out, thresholds, run.classes)
+        rundir.write_metrics(out, result)
         flat = {}
         for name in splits:
             r = result[name]
@@ -431,9 +423,7 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
                     if isinstance(v, (int, float)):
                         flat[f"{prefix}_{rule}_{m}"] = v
         run.tracker.log_metrics(flat, step=len(run.state.history))
-        files = ["config.yaml", "classes.json", "metrics.json", "thresholds.json", "history.jsonl"]
-        files += [f"{p}_{n}.{e}" for n in splits for p, e in (("scores", "npy"), ("targets", "npy"), ("keys", "txt"))]
-        run.tracker.log_artifacts([out / f for f in files])
+        run.tracker.log_artifacts(rundir.artifact_files(out))
         print(json.dumps({"val_mAP": result["val"]["mAP"],
                           "test_mAP": result.get("test", {}).get("mAP")}), flush=True)
     acc.wait_for_everyone()

@@ -182,10 +182,10 @@ def test_argument_errors_exit_2(arrays, capsys, extra, message):
 
 def test_missing_files_and_bad_combinations_exit_2(run_dir, tmp_path, capsys):
     code, _, err = run_main(capsys, "--run-dir", run_dir, "--split", "train")
-    assert code == 2 and "scores_train.npy does not exist" in err
+    assert code == 2 and "no scores for split 'train'" in err and "scores_train.npy is missing" in err
     (run_dir / "keys_test.txt").write_text("only-one\n")
     code, _, err = run_main(capsys, "--run-dir", run_dir)
-    assert code == 2 and "lists 1 keys but scores have 40 rows" in err
+    assert code == 2 and "lists 1 keys but scores_test.npy has 40 rows" in err
     code, _, err = run_main(capsys, "--scores", run_dir / "scores_test.npy")
     assert code == 2 and "--scores needs --targets" in err
     code, _, err = run_main(capsys, "--run-dir", run_dir, "--targets", "x.npy")

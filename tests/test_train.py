@@ -250,7 +250,7 @@ def test_unwrap_strips_ddp_and_compile_in_either_order(free_port):
     from accelerate.utils import extract_model_from_parallel
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mlic_dist.scoring import unwrap
+    from mlic_dist.distributed import unwrap
 
     class Acc:  # the one Accelerator method unwrap() uses
         unwrap_model = staticmethod(extract_model_from_parallel)
