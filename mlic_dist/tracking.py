@@ -31,6 +31,28 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+def init_sqlite_store(uri: str) -> None:
+    """Create a fresh SQLite store's schema once, under an exclusive file lock.
+
+    MLflow creates the tables (dozens of Alembic migrations) the first time a client opens a new
+    store; several processes doing that at once race, and the half-migrated database then breaks
+    every later run. The lock serialises the first open; later opens find the schema and skip it."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, (db.parent / "mlartifacts").resolve().as_uri())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_experiment(client, name: str) -> str:
     """Experiment id for `name`, creating it (with artifacts beside a local store) if needed."""
     exp = client.get_experiment_by_name(name)

@@ -1,0 +1,145 @@
+"""Start and stop an `mlflow server` over a local store, for many processes to log to over HTTP.
+
+A SQLite file written by many processes at once locks and races (MLflow #6490); a sweep's trials,
+a test that trains and ensembles over HTTP, and the UI screenshots therefore talk to one server:
+
+    with MlflowServer("sqlite:///mlflow.db", artifacts="mlartifacts") as server:
+        cfg = replace(cfg, [f"tracking.uri={server.uri}"])   # http://127.0.0.1:PORT
+
+The server binds 127.0.0.1 unless told otherwise and runs in its own process group; `stop()`
+(also on an exception, and at interpreter exit) ends the whole group, uvicorn's and huey's
+children included (MLflow 3 leaves huey consumers behind when only the parent is killed).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+
+class MlflowServerError(RuntimeError):
+    """The server did not come up; the message holds the end of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_store_path(uri: str) -> Optional[Path]:
+    """The file behind a `sqlite:///PATH` URI (None for anything else)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+class MlflowServer:
+    def __init__(self, backend_uri: str, artifacts: str | Path | None = None, host: str = "127.0.0.1",
+                 port: int = 0, log_file: str | Path | None = None, workers: int = 1,
+                 startup_timeout_s: float = 90.0):
+        self.backend_uri = backend_uri
+        store = local_store_path(backend_uri)
+        if artifacts is None:
+            artifacts = (store.parent if store else Path.cwd()) / "mlartifacts"
+        self.artifacts = Path(artifacts).resolve()
+        self.host, self.port = host, port or free_port(host)
+        self.log_file = Path(log_file) if log_file else None
+        self.workers = workers
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: Optional[subprocess.Popen] = None
+        self._log = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_bin) if mlflow_bin.is_file() else "mlflow", "server",
+               "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
+               "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
+        store = local_store_path(self.backend_uri)
+        if store is not None:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            from .tracking import init_sqlite_store
+
+            init_sqlite_store(self.backend_uri)   # schema created once, under a lock
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_file, "ab")
+        else:
+            import tempfile
+
+            self._log = tempfile.TemporaryFile()
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_uri}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)   # its own process group: stop() ends all
+        atexit.register(self.stop)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _tail(self, n: int = 3000) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0, os.SEEK_END)
+        size = self._log.tell()
+        self._log.seek(max(0, size - n))
+        return self._log.read().decode(errors="replace")
+
+    def _wait_healthy(self) -> None:
+        deadline = time.time() + self.startup_timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise MlflowServerError(f"mlflow server exited with status {self.proc.returncode} "
+                                        f"(port {self.port}):\n{self._tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise MlflowServerError(f"mlflow server on {self.uri} not healthy after "
+                                f"{self.startup_timeout_s:.0f} s:\n{self._tail()}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if proc is not None:
+            try:  # children that outlived the leader (huey consumers) are still in the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
