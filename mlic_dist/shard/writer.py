@@ -212,8 +212,9 @@ class _SplitWriter:
         self._file.close()
         tar, idx = self.tmp / f"{self._name}.tar", self.tmp / f"{self._name}.idx"
         make_index(tar, idx)
+        # "bytes": read_manifest compares it with the size on disk (a cheap truncation check)
         self.shards.append({"file": tar.name, "index": idx.name, "num_samples": self._count,
-                            "sha256": _sha256(tar)})
+                            "bytes": tar.stat().st_size, "sha256": _sha256(tar)})
         self._tar = self._file = None
 
     def close(self) -> None:
@@ -371,8 +372,7 @@ def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: P
                   "images_per_s": round(len(tasks) / max(seconds, 1e-9), 1),
                   "pool_start_s": round(t0 - t_pool, 3),  # not in images_per_s
                   "workers": opts.workers,
-                  "bytes": sum((tmp / sh["file"]).stat().st_size
-                               for v in splits.values() for sh in v["shards"])},
+                  "bytes": sum(sh["bytes"] for v in splits.values() for sh in v["shards"])},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
