@@ -124,6 +124,7 @@ class DaliLoader(LoaderBase):
         flip = self.train and self.cfg.augment != "M0"
         crop = self.train and self.cfg.augment in ("M2", "M3")
         pipe = it = None
+        b = 0
         try:
             pipe, it = self._build(slot)   # builds and prefetches: may already read bad data
             for b in range(len(self)):
@@ -139,17 +140,22 @@ class DaliLoader(LoaderBase):
                 yield self._finish(images, out["labels"], ids, mix_gen)
         except RuntimeError as err:
             it = pipe = None   # DALI's threads stop once nothing holds the pipeline
-            found = None if isinstance(err, ShardDataError) else self._bad_data_error(lo, hi)
+            # the reader goes through [lo, hi) in order, about a shuffle buffer and a few batches
+            # ahead of the batch that failed: look there first, then in the rest of the range
+            ahead = lo + (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
+            found = None if isinstance(err, ShardDataError) else self._bad_data_error(lo, hi, ahead)
             if found is None:
                 raise
             raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
         finally:
             it = pipe = None
 
-    def _bad_data_error(self, lo: int, hi: int):
+    def _bad_data_error(self, lo: int, hi: int, ahead: int):
         """A ShardDataError naming the bad sample(s) with ids in [lo, hi), or None when a CPU scan
-        of them finds nothing wrong (then the data is not what failed)."""
-        problems = find_bad_samples(self.info.shards, lo, hi)
+        of them finds nothing wrong (then the data is not what failed). Ids [lo, ahead) first."""
+        problems = find_bad_samples(self.info.shards, lo, min(hi, ahead))
+        if not problems and ahead < hi:
+            problems = find_bad_samples(self.info.shards, ahead, hi)
         if not problems:
             return None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

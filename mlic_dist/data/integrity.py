@@ -116,8 +116,8 @@ def check_shard_size(shard) -> None:
     problem = size_problem(shard)
     if problem:
         raise shard_size_error(shard, problem)
-    with open(shard.index_path) as f:
-        head = f.readline().split()
+    with open(shard.index_path, encoding="utf-8", errors="replace") as f:
+        head = f.readline(200).split()
     if len(head) != 2 or not head[1].isdigit() or int(head[1]) != shard.num_samples:
         raise ShardDataError(
             f"index {shard.index_path} declares {' '.join(head) or 'nothing'!r} but the manifest says "
@@ -129,9 +129,8 @@ def check_shard_size(shard) -> None:
 # the tar itself
 
 def tar_members(tar) -> list[tuple[str, str, int, int]]:
-    """[(key, ext, data offset, size)] of the regular files in `tar`, in order. A truncated tar
-    either stops early (tarfile ends quietly at a header boundary) or raises: both come back as
-    the members read so far plus ShardDataError from `iter_samples`; here only headers are read."""
+    """[(key, ext, data offset, size)] of the regular files in `tar`, in order (headers only).
+    tarfile stops quietly at a header boundary of a truncated tar: compare with the index."""
     out = []
     with tarfile.open(tar, "r:") as t:
         for m in t:
@@ -230,7 +229,9 @@ def find_bad_samples(shards: Sequence, lo: int, hi: int, limit: int = 20) -> lis
                 continue
             for pos, (key, comps) in enumerate(iter_samples(shard.path)):
                 sid = shard.first_id + pos
-                if not lo <= sid < hi:
+                if sid >= hi:
+                    break
+                if sid < lo:
                     continue
                 what = sample_problem(comps, sid)
                 if what:

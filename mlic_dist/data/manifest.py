@@ -61,10 +61,10 @@ class Manifest:
         return self.splits[name]
 
 
-def read_manifest(shards_dir, check_sizes: bool = True) -> Manifest:
-    """Parse and check `shards_dir/manifest.json`; every tar and index file must exist and (with
-    check_sizes) have the recorded size. Raises FileNotFoundError (missing), ValueError (not a
-    manifest) or ShardDataError (a truncated or changed tar, a stale index)."""
+def read_manifest(shards_dir) -> Manifest:
+    """Parse and check `shards_dir/manifest.json`; every tar and index file must exist, and every
+    tar have the recorded size. Raises FileNotFoundError (missing), ValueError (not a manifest) or
+    ShardDataError (a truncated or changed tar, a stale index)."""
     if shards_dir is None:
         raise ValueError("data.shards is not set; point it at a directory written by "
                          "`python -m mlic_dist.shard` (it holds manifest.json)")
@@ -91,8 +91,7 @@ def read_manifest(shards_dir, check_sizes: bool = True) -> Manifest:
             n = int(s["num_samples"])
             size = s.get("bytes")
             shard = ShardInfo(tar, idx, n, first, None if size is None else int(size))
-            if check_sizes:
-                check_shard_size(shard)
+            check_shard_size(shard)
             shards.append(shard)
             first += n
         if first != int(info["num_samples"]):

@@ -56,7 +56,7 @@ class Report:
 
     def text(self) -> str:
         head = (f"verify {self.root}: {', '.join(self.splits) or 'no splits'}; {self.shards} shard(s), "
-                f"{self.samples} sample(s) read" + (", every image decoded" if self.decode else
+                f"{self.samples} sample(s) read" + (", every image test-decoded" if self.decode else
                                                     " (images not decoded: add --decode)"))
         if self.ok:
             return f"{head}\nclean"
