@@ -473,7 +473,7 @@ def test_typo_rule_flags_rare_and_lookalike_classes_only():
     assert typo_warnings({"cat": 30, "dog": 25, "bird": 1}) == []
 
 
-def test_csv_label_typo_is_warned_about(tmp_path):
+def test_csv_label_typo_is_warned_about(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     rows = ["image,labels"]
@@ -494,10 +494,10 @@ def test_csv_label_typo_is_warned_about(tmp_path):
     assert [(w["class"], w["similar_to"]) for w in m["class_warnings"]] == [("cta", "cat")]
     # a normal dataset with names from its labels: no warning
     csv_path, _ = make_csv(tmp_path / "ok", {"train": 20, "val": 5}, label_format="labels")
-    r = subprocess.run(cmd[:4] + [str(csv_path), "--out", str(tmp_path / "ok_out"), "--no-progress"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
-    assert json.loads((tmp_path / "ok_out/manifest.json").read_text())["class_warnings"] == []
+    m = shard("csv", csv_path, tmp_path / "ok_out", progress=False)
+    assert m["classes_from"] == "data" and m["class_warnings"] == []
+    out = capsys.readouterr()
+    assert "warning" not in out.err and "classes (positives, all splits)" in out.out
 
 
 # --------------------------------------------------------------------------------------------
