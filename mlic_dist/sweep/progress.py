@@ -13,8 +13,9 @@ from ray.tune import Callback
 
 
 class ProgressView(Callback):
-    def __init__(self, total: int, every_s: float = 60.0, stream=None):
+    def __init__(self, total: int, every_s: float = 60.0, stream=None, epochs: dict | None = None):
         self.total = total
+        self.planned = dict(epochs or {})   # trial name -> train.epochs
         self.every_s = every_s
         self.stream = stream
         self._reset()
@@ -55,7 +56,8 @@ class ProgressView(Callback):
             self._line(f"{name} epoch {self.epochs[name]}: new best")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._set(trial, "done", f"finished ({self.epochs.get(str(trial), 0)} epochs)")
+        n, planned = self.epochs.get(str(trial), 0), self.planned.get(str(trial), 0)
+        self._set(trial, "done", f"ended after {n}/{planned} epochs" if n < planned else f"finished ({n} epochs)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._set(trial, "failed", "FAILED (see its train.log and Ray's logs)")

@@ -23,9 +23,10 @@ class TrialOutcome:
     error: str = ""
 
 
-def outcomes(result_grid, spec) -> list[TrialOutcome]:
-    """One outcome per Tune trial, in grid order. A trial finished when its trainer wrote
-    metrics.json (the last step of train()); one without an error that did not was stopped early."""
+def outcomes(result_grid, spec, interrupted: bool = False) -> list[TrialOutcome]:
+    """One outcome per grid point, in grid order. A trial finished when its trainer wrote
+    metrics.json (the last step of train()); one without an error that did not was stopped early
+    by ASHA, or is unfinished when the sweep was interrupted (Ctrl-C)."""
     from .. import rundir
 
     by_name = {}
@@ -37,12 +38,12 @@ def outcomes(result_grid, spec) -> list[TrialOutcome]:
         elif (trial.output_dir / rundir.METRICS).is_file():
             status = "finished"
         else:
-            status = "stopped early"
+            status = "unfinished" if interrupted else "stopped early"
         best = m.get("best_val_mAP")
         by_name[trial.name] = TrialOutcome(
             trial.name, status, int(m.get("epochs_done", 0) or 0), float(best) if best is not None else None,
             error=str(r.error).strip().splitlines()[0][:300] if r.error is not None else "")
-    return [by_name[t.name] for t in spec.trials() if t.name in by_name]
+    return [by_name.get(t.name) or TrialOutcome(t.name, "not started", 0, None) for t in spec.trials()]
 
 
 def experiment_id(tracking_uri: str, parent_run_id: str) -> str:
@@ -62,7 +63,9 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list:
 
 
 def settle_trial_runs(tracking_uri: str, parent_run_id: str, results: list[TrialOutcome]) -> None:
-    """Attach each trial's FINISHED run id; close the trial runs left RUNNING as KILLED."""
+    """Attach each finished trial's FINISHED run id; close the trial runs left RUNNING: FAILED for
+    a failed trial, KILLED for one stopped early (also when its trainer said FAILED) or an
+    attempt superseded by a retry's new run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -73,8 +76,9 @@ def settle_trial_runs(tracking_uri: str, parent_run_id: str, results: list[Trial
             continue
         if run.info.status == FINISHED and o.status == "finished":
             o.run_id = run.info.run_id
-        elif run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING" or (o.status == "stopped early" and run.info.status == "FAILED"):
+            # (a trainer whose workers ASHA stopped may have ended its run FAILED on the way out)
+            client.set_terminated(run.info.run_id, "FAILED" if o.status == "failed" else "KILLED")
 
 
 def table(results: list[TrialOutcome]) -> str:

@@ -42,7 +42,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = False,
               dry_run: bool = False, out=None, callbacks: tuple = ()) -> int:
     """Run (or resume) the sweep; returns 0 when every trial finished or was stopped early by
-    ASHA, 1 when some failed. Raises SweepError (one line) on bad input, before any trial.
+    ASHA, 1 when some failed, 130 when it was interrupted (Ctrl-C; --resume continues it).
+    Raises SweepError (one line) on bad input, before any trial.
     `callbacks`: extra Tune callbacks (bench/sweep.py times the trials with one)."""
     out = out or sys.stdout
     trials = spec.trials()
@@ -97,7 +98,7 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
     from ..tracking import Tracker
     from .progress import ProgressView
     from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
-    from .tune import TrialContext, make_tuner
+    from .tune import TrialContext, make_releaser, make_tuner
 
     base = config_from_dict(spec.base)
     root = spec.root_dir
@@ -106,8 +107,12 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
     parent = Tracker(TrackingConfig(uri=tracking_uri, experiment=base.tracking.experiment, run_name=spec.name),
                      root, active=True)
     resumed = state.get("parent_run_id")
-    parent_id = parent.start(_parent_params(spec), resume_run_id=resumed,
-                             tags={"sweep": spec.name, "sweep.trials": str(len(trials))})
+    # The trials nest under this run, so wait for its id (the Tracker queues, it never blocks).
+    parent_id = parent.start(_parent_params(spec), resume_run_id=resumed, wait_s=120.0,
+                             tags={"sweep": spec.name, "sweep.trials": len(trials), "mlic.kind": "sweep"})
+    if parent_id is None:
+        print(f"warning: MLflow at {tracking_uri} did not open the sweep's parent run; trials are tracked "
+              f"without it (their run directories keep everything)", file=out)
     state = write_state(spec, state, parent_run_id=parent_id or resumed)
     if not resumed:
         parent.log_artifacts([p for p in (Path(spec.source) if spec.source else None, root / "sweep.yaml") if p])
@@ -116,13 +121,16 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
           f"  tracking: {tracking_uri}" + (f" (mlflow server over {store})" if store else "") +
           f", experiment {base.tracking.experiment!r}, parent run {parent_id}", file=out, flush=True)
     ctx = TrialContext(spec, the_plan, tracking_uri, parent_id)
-    view = ProgressView(len(trials), spec.settings.progress_every_s, stream=out)
+    view = ProgressView(len(trials), spec.settings.progress_every_s, stream=out,
+                        epochs={t.name: t.cfg.train.epochs for t in trials})
     status = "KILLED"
     try:
         t_fit = time.time()
-        grid = make_tuner(ctx, [view, *callbacks], resume).fit()
+        grid = make_tuner(ctx, [view, make_releaser(), *callbacks], resume).fit()
         timings["tune_fit_s"] = time.time() - t_fit
-        results = outcomes(grid, spec)
+        # Tune returns normally after a Ctrl-C too, with trials neither terminated nor errored.
+        interrupted = len(grid) < len(trials) or grid.num_terminated + grid.num_errors < len(grid)
+        results = outcomes(grid, spec, interrupted)
         failed = [o for o in results if o.status == "failed"]
         t_post = time.time()
         if parent_id:
@@ -131,7 +139,8 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
         for o in failed:
             print(f"failed: {o.name}: {o.error} (log: {root / o.name / 'train.log'})", file=out)
         finished = [o.run_id for o in results if o.status == "finished" and o.run_id]
-        _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out)
+        if not interrupted:
+            _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out)
         timings["ensembles_report_s"] = time.time() - t_post
         best = max((o.best_val_mAP for o in results if o.best_val_mAP is not None), default=None)
         parent.log_metrics({"trials_finished": sum(o.status == "finished" for o in results),
@@ -139,9 +148,12 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
                             "trials_failed": len(failed), "best_val_mAP": best if best is not None else float("nan"),
                             **timings}, step=0)
         (root / "timings.json").write_text(json.dumps(timings, indent=2))
-        status = "FAILED" if failed else "FINISHED"
+        status = "KILLED" if interrupted else "FAILED" if failed else "FINISHED"
         exp = experiment_id(tracking_uri, parent_id) if parent_id else None
         print(ui_hint(base.tracking.uri, store, artifacts, tracking_uri, exp), file=out)
+        if interrupted:
+            print("the sweep was interrupted; continue it with the same command and --resume", file=out)
+            return 130
         if failed:
             print(f"{len(failed)} trial(s) failed; retry them with the same command and --resume", file=out)
         return 1 if failed else 0
@@ -150,24 +162,39 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
 
 
 def _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out) -> None:
+    """Ensembles of the finished trials, then the report, nested under the parent run. They only
+    read what the trials left, so a failure here is reported in one line and loses nothing (run
+    `python -m mlic_dist.ensemble` / `python -m mlic_dist.report` on the sweep later)."""
     experiment = base.tracking.experiment
+    steps = []
     if spec.ensembles and len(finished) >= 2:
-        try:
-            from ..ensemble import build_ensembles
-        except ImportError:
-            print("ensembles skipped: mlic_dist.ensemble is not in this checkout", file=out)
-        else:
-            built = build_ensembles(experiment, list(spec.ensembles), tracking_uri, parent_run_id=parent_id,
-                                    out_dir=spec.root_dir / "ensembles", run_ids=finished)
-            print(f"ensembles: {len(built)} built from {len(finished)} finished trials "
-                  f"({', '.join(spec.ensembles)}), under {spec.root_dir / 'ensembles'}", file=out)
+        steps.append(("ensembles", lambda: _ensembles(spec, experiment, tracking_uri, parent_id, finished, out)))
     elif spec.ensembles:
         print(f"ensembles skipped: {len(finished)} finished trial(s), an ensemble needs 2", file=out)
-    try:
-        from ..report import build_report
-    except ImportError:
-        print("report skipped: mlic_dist.report is not in this checkout (the table above lists the trials)", file=out)
-        return
+    steps.append(("report", lambda: _report(spec, experiment, tracking_uri, parent_id, out)))
+    for what, step in steps:
+        try:
+            step()
+        except ImportError as e:
+            print(f"{what} skipped: {e.name or 'a module'} is not in this checkout", file=out)
+        except Exception as e:  # noqa: BLE001 - the trials are done; say what failed and go on
+            print(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the trials "
+                  f"are complete, rerun it with `python -m mlic_dist.{'ensemble' if what == 'ensembles' else what}`",
+                  file=out)
+
+
+def _ensembles(spec, experiment, tracking_uri, parent_id, finished, out) -> None:
+    from ..ensemble import build_ensembles
+
+    built = build_ensembles(experiment, list(spec.ensembles), tracking_uri, parent_run_id=parent_id,
+                            out_dir=spec.root_dir / "ensembles", run_ids=finished)
+    print(f"ensembles: {len(built)} built from {len(finished)} finished trials ({', '.join(spec.ensembles)}), "
+          f"under {spec.root_dir / 'ensembles'}", file=out)
+
+
+def _report(spec, experiment, tracking_uri, parent_id, out) -> None:
+    from ..report import build_report
+
     report = build_report(experiment, tracking_uri, spec.root_dir / "report", parent_run_id=parent_id)
     print("\n" + report.markdown, file=out)
 

@@ -95,9 +95,13 @@ def train_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
+    pg = ray.util.get_current_placement_group()
+    pg_hex = pg.id.hex() if pg is not None else ""
+
     def report(record: dict) -> None:  # called on every rank after each epoch (a collective)
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["epochs_done"] = record["epoch"] + 1   # ASHA's clock, also after a resume
+        metrics["placement_group"] = pg_hex            # for PlacementGroupReleaser
         ray.train.report(metrics)
 
     out = Path(cfg.train.output_dir)
@@ -120,6 +124,40 @@ def train_worker(loop_config: dict) -> None:
             train(cfg, epoch_hook=report)
         finally:
             print(f"[sweep] train() ended after {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def make_releaser():
+    """A Tune callback that removes the placement group of a trial's Ray Train workers once the
+    trial is over.
+
+    Ray Train's controller removes its workers' placement group when a run ends normally. When
+    a trial's driver is killed instead (ASHA stops it, or it crashes), the group outlives it (a
+    placement group lives as long as the job that made it) and Ray Train's PlacementGroupCleaner
+    can only free it through Ray's state API, i.e. where the dashboard runs. Without it the
+    reserved CPUs/GPUs stay taken and later trials wait forever. A finished trial's group is no
+    longer in use, so removing it (if still there) is always safe."""
+    from ray import tune
+
+    class PlacementGroupReleaser(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        @staticmethod
+        def _release(trial) -> None:
+            import ray
+            from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+            pg_hex = (trial.last_result or {}).get("placement_group")
+            if not pg_hex:
+                return
+            pg = PlacementGroup(ray.PlacementGroupID.from_hex(pg_hex))
+            if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+                remove_placement_group(pg)
+
+    return PlacementGroupReleaser()
 
 
 def _last_byte(path: Path) -> bytes:
