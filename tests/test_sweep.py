@@ -123,6 +123,7 @@ def grid_sweep(shards, cluster, server, tmp_path_factory):
             "wall_s": time.time() - t0}
 
 
+@pytest.mark.slow
 def test_grid_tracks_a_parent_run_and_one_child_per_point(grid_sweep):
     spec, uri = grid_sweep["spec"], grid_sweep["uri"]
     assert grid_sweep["rc"] == 0
@@ -152,6 +153,7 @@ def test_grid_tracks_a_parent_run_and_one_child_per_point(grid_sweep):
         assert "test_mAP" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_two_workers_of_a_trial_train_as_one_ddp_job_on_either_node(grid_sweep):
     spec = grid_sweep["spec"]
     nodes = set()
@@ -166,6 +168,7 @@ def test_two_workers_of_a_trial_train_as_one_ddp_job_on_either_node(grid_sweep):
     assert len(nodes) == 2, "trials should land on both nodes of the cluster"
 
 
+@pytest.mark.slow
 def test_a_killed_worker_resumes_its_trial_from_the_checkpoint(grid_sweep):
     victim, killed = grid_sweep["victim"], grid_sweep["killed"]
     assert killed, "the victim trial never reached its first step checkpoint of epoch 1"
@@ -179,6 +182,7 @@ def test_a_killed_worker_resumes_its_trial_from_the_checkpoint(grid_sweep):
     assert json.loads((victim / "metrics.json").read_text())["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_ensembles_of_the_finished_trials_are_nested_runs(grid_sweep):
     pytest.importorskip("mlic_dist.ensemble", reason="mlic_dist.ensemble (build_ensembles) is not merged yet")
     spec = grid_sweep["spec"]
@@ -216,6 +220,7 @@ def _sweep_cli(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(shards, tmp_path):
     # Two trials at once on this machine's own Ray, tracked in a local SQLite store (so the sweep
     # serves it with an mlflow server): a 1-epoch trial finishes while a 12-epoch one is part-way
@@ -400,6 +405,19 @@ def test_a_killed_trial_driver_gives_its_workers_placement_group_back():
 
 
 # --------------------------------------------------------------------------- the sweep file
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_expands_into_valid_trials(path, shards):
+    spec = load_sweep(path, [f"data.shards={shards}"])
+    trials = spec.trials()
+    assert len(trials) == len({t.name for t in trials}) == len(spec.points()) >= 12
+    assert set(spec.ensembles) == {"scale", "distr", "greedy"}
+    for t in trials:
+        assert t.output_dir == spec.root_dir / t.name and t.cfg.tracking.run_name == t.name
+        assert t.cfg.data.augment in ("M1", "M2", "M3")
+        if t.cfg.model.backbone == "advanced_cnn":   # from scratch with its own recipe
+            assert (t.cfg.model.pretrained, t.cfg.optim.name, t.cfg.data.normalize) == ("none", "adam", "half")
 
 
 def test_grid_points_name_trials_and_overrides_reach_every_part(shards, tmp_path, monkeypatch):

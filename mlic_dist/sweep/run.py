@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -64,8 +65,8 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
                          f"cannot reach: start `mlflow server --host 0.0.0.0 ...` where every node reaches it and "
                          f"pass tracking.uri=http://HOST:PORT")
     with contextlib.ExitStack() as stack:
-        t_start = time.time()
-        tracking_uri, artifacts = configured, None
+        tracking_uri, artifacts, server_start = configured, None, None
+        timings = {"mlflow_server_s": 0.0}
         if store is not None:
             from ..mlflow_server import MlflowServer
 
@@ -74,24 +75,34 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
             server = MlflowServer(store, log_file=spec.root_dir / "mlflow-server.log")
             # uvicorn stops at once; the server's job consumers take ~10 s on SIGTERM: cap the wait.
             stack.callback(server.stop, 5.0)
-            server.start()
-            tracking_uri, artifacts = server.uri, str(server.artifacts)
-            state = write_state(spec, state, mlflow_server={"pid": server.proc.pid, "store": store,
-                                                            "uri": server.uri})
-        t_mlflow = time.time()
+            # The server comes up while Ray starts (both take seconds to tens of seconds).
+            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mlflow-server"))
+            server_start = pool.submit(_timed, server.start)
         import ray
 
         from .cluster import check_nodes, connect, plan
 
+        t_ray = time.time()
         connect(address)
         stack.callback(ray.shutdown)
-        t_ray = time.time()
+        timings["ray_start_s"] = time.time() - t_ray
+        if server_start is not None:
+            timings["mlflow_server_s"] = server_start.result()
+            tracking_uri, artifacts = server.uri, str(server.artifacts)
+            state = write_state(spec, state, mlflow_server={"pid": server.proc.pid, "store": store,
+                                                            "uri": server.uri})
         the_plan = plan(spec, len(trials), ray.cluster_resources())
         if address is not None:
             n = check_nodes(spec, shards)
             print(f"storage: {n} node(s) read the shards and share {spec.root_dir}", file=out)
         return _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, out, list(callbacks),
-                    timings={"mlflow_server_s": t_mlflow - t_start, "ray_start_s": t_ray - t_mlflow})
+                    timings)
+
+
+def _timed(fn) -> float:
+    t = time.time()
+    fn()
+    return time.time() - t
 
 
 def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, out, callbacks, timings) -> int:

@@ -35,8 +35,7 @@ import yaml
 
 from ..config import Config, ConfigError, _build, apply_overrides, config_from_dict, flatten, read_yaml, to_dict
 
-ENSEMBLE_KINDS = ("scale", "distr", "greedy")  # the selections mlic_dist.ensemble.build_ensembles knows
-SWEEP_SECTIONS = ("grid", "ensembles", "sweep")
+ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
 # Keys the sweep sets for every trial itself: gridding over them would break tracking or resume.
 RESERVED = {"train.output_dir": "the sweep derives each trial's output directory from its grid point; set sweep.root",
             "train.resume": "retried and resumed trials continue from their checkpoints (train.resume=auto)",
@@ -90,6 +89,8 @@ class SweepSettings:
             raise ConfigError(f"sweep.cpus_per_worker={self.cpus_per_worker!r} must be > 0")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"sweep.gpus_per_worker={self.gpus_per_worker!r} must be >= 0")
+        if self.progress_every_s <= 0:
+            raise ConfigError(f"sweep.progress_every_s={self.progress_every_s!r} must be > 0")
         if self.reduction_factor <= 1:
             raise ConfigError(f"sweep.reduction_factor={self.reduction_factor!r} must be > 1")
 
