@@ -207,7 +207,21 @@ def _report(spec, experiment, tracking_uri, parent_id, out) -> None:
     from ..report import build_report
 
     report = build_report(experiment, tracking_uri, spec.root_dir / "report", parent_run_id=parent_id)
-    print("\n" + report.markdown, file=out)
+    full = next((str(p) for p in getattr(report, "paths", []) if str(p).endswith(".md")), spec.root_dir / "report")
+    print("\n" + _head(report.markdown, sections=2) + f"\n(the whole report: {full})", file=out)
+
+
+def _head(markdown: str, sections: int) -> str:
+    """The title and the first `sections` "## " sections (the ensembles and the trials tables);
+    the per-class tables and plots stay in the file."""
+    lines, seen = [], 0
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            seen += 1
+            if seen > sections:
+                break
+        lines.append(line)
+    return "\n".join(lines).rstrip()
 
 
 def _parent_params(spec: SweepSpec) -> dict:
