@@ -102,7 +102,7 @@ class Predictor:
     def __call__(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         """images: B uint8 (3, H, W) RGB -> (B, C) float32 fused probabilities."""
         from .data.transforms import eval_resize
-        from .ensemble import fuse
+        from .fusion import fuse
 
         probs = []
         for m in self.members:

@@ -391,12 +391,11 @@ def _log(report: Report, out: Path, experiment: str, tracking_uri: Optional[str]
     cfg = TrackingConfig(enabled=True, uri=uri, experiment=experiment, run_name=f"report-{experiment}",
                          parent_run_id=parent_run_id)
     tracker = Tracker(cfg, out)
-    run_id = tracker.start({"report.entries": num_entries}, resume_run_id=previous,
-                           tags={mq.KIND_TAG: "report", mq.NOTE_TAG: report.markdown[:5000]})
+    tracker.start({"report.entries": num_entries}, resume_run_id=previous,
+                  tags={mq.KIND_TAG: "report", mq.NOTE_TAG: report.markdown[:5000]})
     tracker.log_artifacts(report.paths)
     tracker.finish("FINISHED")
-    if hasattr(tracker, "flush"):
-        tracker.flush()
+    run_id = tracker.run_id
     if run_id:
         rundir.write_tracking(out, uri, experiment, run_id)
     return run_id
