@@ -41,18 +41,19 @@ class Member:
 
 
 def member_from_dir(path, tracked: Optional[mq.TrackedRun] = None) -> Member:
+    """A training run as a member; `tracked` (its MLflow run) supplies id, name and parent,
+    else its tracking.json supplies the run id."""
     run = rundir.load_run(path)
     if run.is_ensemble:
         raise EnsembleError(f"{run.path} is an ensemble ({rundir.ENSEMBLE}); ensembles are never members "
                             f"of ensembles: pass the runs it fused instead")
     metrics_file = run.path / rundir.METRICS
     m = Member(run, name=run.name, start_time=metrics_file.stat().st_mtime * 1000 if metrics_file.is_file() else 0)
-    info = tracked or None
-    if info is None and run.tracking:
+    if tracked is not None:
+        m.run_id, m.experiment_id, m.parent_run_id = tracked.run_id, tracked.experiment_id, tracked.parent_run_id
+        m.name, m.start_time = tracked.name, tracked.start_time
+    elif run.tracking:
         m.run_id = run.tracking.get("run_id")
-    if info is not None:
-        m.run_id, m.experiment_id, m.parent_run_id = info.run_id, info.experiment_id, info.parent_run_id
-        m.name, m.start_time = info.name, info.start_time
     return m
 
 

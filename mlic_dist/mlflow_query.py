@@ -4,12 +4,12 @@ directories are; plus the names a run's final metrics carry in MLflow.
     from mlic_dist import mlflow_query as mq
     client = mq.connect("http://127.0.0.1:5000")          # or sqlite:///mlflow.db, None = default
     runs = mq.finished_runs(client, "mlic", parent_run_id=None)   # single-model runs, FINISHED
-    runs[0].run_dir, runs[0].params["data.size"], runs[0].kind    # Path, "448", "train"
+    runs[0].run_dir, runs[0].params["data.size"], runs[0].kind    # Path, "448", "single"
 
 Writes go through `mlic_dist.tracking.Tracker`; this module only queries (MlflowClient API).
 A run's directory is its `run_dir` tag, which the trainer and `ensemble` set to the absolute
-run directory. Kinds (tag `mlic.kind`): "train" (no tag: what the trainer logs), "ensemble",
-"report". MLflow is imported lazily.
+run directory. Kinds (tag `mlic.kind`): "single" (a training run; runs logged before the tag
+existed have none and count as single), "ensemble", "report". MLflow is imported lazily.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ MEMBERS_TAG = "mlic.members"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 RUN_DIR_TAG = "run_dir"
+SINGLE = "single"           # mlic.kind of a training run
 
 
 class TrackingQueryError(ValueError):
@@ -42,7 +43,7 @@ class TrackedRun:
 
     @property
     def kind(self) -> str:
-        return self.tags.get(KIND_TAG, "train")
+        return self.tags.get(KIND_TAG, SINGLE)
 
     @property
     def parent_run_id(self) -> Optional[str]:
@@ -127,7 +128,7 @@ def search(client, experiment: str, filter_string: str = "") -> list[TrackedRun]
 
 
 def finished_runs(client, experiment: str, parent_run_id: Optional[str] = None,
-                  run_ids: Optional[list[str]] = None, kinds: tuple[str, ...] = ("train",)) -> list[TrackedRun]:
+                  run_ids: Optional[list[str]] = None, kinds: tuple[str, ...] = (SINGLE,)) -> list[TrackedRun]:
     """FINISHED runs of `kinds` in `experiment`: all of them, those nested directly under
     `parent_run_id`, or exactly `run_ids` (which must exist and be finished)."""
     if run_ids:

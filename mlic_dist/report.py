@@ -99,7 +99,7 @@ def collect_from_mlflow(experiment: str, tracking_uri: Optional[str], parent_run
     """Finished training runs and ensembles of `experiment` (nested under `parent_run_id` when
     given) whose directories are on this machine; a directory logged twice counts once (newest)."""
     client = mq.connect(tracking_uri)
-    runs = mq.finished_runs(client, experiment, parent_run_id, kinds=("train", "ensemble"))
+    runs = mq.finished_runs(client, experiment, parent_run_id, kinds=(mq.SINGLE, "ensemble"))
     entries = []
     for r in mq.runs_by_dir(runs).values():
         try:
