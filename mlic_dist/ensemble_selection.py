@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -115,49 +117,54 @@ def greedy_select(val_scores: Sequence[np.ndarray], val_targets: np.ndarray, ini
     Sorted initialisation: the `init` best members by val mAP enter first (the trajectory records
     sizes 1..init); then `steps` rounds of forward selection WITH replacement, each adding the
     member whose addition gives the highest val mAP of the fused scores (the mean of the selected
-    members' probabilities, a member counted as often as selected). The result is the best point
-    of the whole trajectory (ties: the earlier, smaller one); weights = selection counts there.
+    members' probabilities, a member counted as often as selected; float32 like a stored
+    ensemble). Ties (within TIE_EPS) go to the lower member index. The result is the best point of
+    the whole trajectory (ties: the earlier, smaller one); weights = selection counts there.
 
-    Each candidate costs one fused matrix and one `metrics.FastAP` evaluation (one sort per class):
-    M x steps evaluations in all (27 x 20 on 40,000 x 80: see bench/ensemble.py)."""
+    Each candidate costs one fused matrix and one `metrics.FastAP` evaluation (one sort per
+    class): M x steps evaluations in all (27 x 20 on 40,000 x 80: bench/ensemble.py). The M
+    candidates of a step are evaluated on `threads` threads (default: the usable cores), each
+    with its own buffers: NumPy releases the GIL in the sorts and the array arithmetic."""
     m = len(val_scores)
     if m == 0:
         raise ValueError("greedy selection needs at least one member")
-    ap = metrics.FastAP(val_targets, threads)
+    ap = metrics.FastAP(val_targets, threads=1)
     members = [np.ascontiguousarray(np.asarray(s, np.float32).T) for s in val_scores]   # M x (C, N)
     acc = np.zeros(members[0].shape, np.float64)      # sum of the selected members, (C, N)
-    tmp = np.empty_like(acc)
-    fused = np.empty(members[0].shape, np.float32)    # the candidate ensemble's scores, sorted in place
+    local = threading.local()
 
     def fused_map(candidate: int, size: int) -> float:
-        np.add(acc, members[candidate], out=tmp)
-        np.divide(tmp, size, out=tmp)
-        fused[...] = tmp                               # float32, as ensembles are stored
-        return _map(ap(fused, overwrite=True))
+        if not hasattr(local, "tmp"):                 # per-thread buffers, reused every call
+            local.tmp, local.fused = np.empty_like(acc), np.empty(acc.shape, np.float32)
+        np.add(acc, members[candidate], out=local.tmp)
+        np.divide(local.tmp, size, out=local.fused, casting="same_kind")   # float64 mean -> float32
+        return _map(ap(local.fused, overwrite=True))
 
-    single = [_map(ap(s)) for s in members]
-    if all(np.isnan(single)):
-        raise ValueError("the validation split has no positive label in any class: nothing to select on")
-    order = sorted(range(m), key=lambda i: (-np.nan_to_num(single[i], nan=-1.0), i))
-    counts = np.zeros(m, np.int64)
-    trajectory = []
-    for rank, i in enumerate(order[:max(1, min(init, m))]):
-        value = single[i] if rank == 0 else fused_map(i, rank + 1)
-        acc += members[i]
-        counts[i] += 1
-        trajectory.append({"step": len(trajectory), "added": i, "size": int(counts.sum()),
-                           "val_mAP": value, "counts": counts.tolist()})
-    for _ in range(steps):
-        size = int(counts.sum()) + 1
-        best_i, best_v = -1, -np.inf
-        for i in range(m):
-            v = fused_map(i, size)
-            if v > best_v + TIE_EPS:
-                best_i, best_v = i, v
-        acc += members[best_i]
-        counts[best_i] += 1
-        trajectory.append({"step": len(trajectory), "added": best_i, "size": size, "val_mAP": best_v,
-                           "counts": counts.tolist()})
+    workers = max(1, min(threads or metrics.usable_cores(), m))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlic-greedy") as pool:
+        single = list(pool.map(lambda s: _map(ap(s)), members))
+        if all(np.isnan(single)):
+            raise ValueError("the validation split has no positive label in any class: nothing to select on")
+        order = sorted(range(m), key=lambda i: (-np.nan_to_num(single[i], nan=-1.0), i))
+        counts = np.zeros(m, np.int64)
+        trajectory = []
+        for rank, i in enumerate(order[:max(1, min(init, m))]):
+            value = single[i] if rank == 0 else fused_map(i, rank + 1)
+            acc += members[i]
+            counts[i] += 1
+            trajectory.append({"step": len(trajectory), "added": i, "size": int(counts.sum()),
+                               "val_mAP": value, "counts": counts.tolist()})
+        for _ in range(steps):
+            size = int(counts.sum()) + 1
+            values = list(pool.map(lambda i: fused_map(i, size), range(m)))   # in member order
+            best_i = 0
+            for i in range(1, m):
+                if values[i] > values[best_i] + TIE_EPS:
+                    best_i = i
+            acc += members[best_i]
+            counts[best_i] += 1
+            trajectory.append({"step": len(trajectory), "added": best_i, "size": size,
+                               "val_mAP": values[best_i], "counts": counts.tolist()})
     best = 0
     for t, point in enumerate(trajectory):
         if point["val_mAP"] > trajectory[best]["val_mAP"] + TIE_EPS:

@@ -192,8 +192,7 @@ class FastAP:
         self.positives = [np.flatnonzero(row == 1) for row in by_class]   # C x (P_c,) row indices
         ignored = by_class == -1
         self.ignored = ignored if ignored.any() else None                 # (C, N) bool
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = max(1, min(threads or cores, self.num_classes))
+        self.threads = max(1, min(threads or usable_cores(), self.num_classes))
 
     def __call__(self, scores_cn, overwrite: bool = False) -> np.ndarray:
         """(C,) AP of `scores_cn` (C, N), NaN where a class has no positives. `overwrite=True`
@@ -226,6 +225,11 @@ class FastAP:
         bounds = np.linspace(0, x.shape[0], self.threads + 1).astype(int)
         list(_sort_pool(self.threads).map(lambda lo_hi: x[lo_hi[0]:lo_hi[1]].sort(axis=1),
                                           zip(bounds[:-1], bounds[1:])))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @functools.lru_cache(maxsize=None)

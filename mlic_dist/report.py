@@ -341,10 +341,13 @@ def write_report(entries: Sequence[Entry], out: Path, title: str) -> Report:
     groups = single_groups(entries)
     best_single = _best(groups[best_single_key(groups)]) if groups else None   # the table's choice
     best_ens = _best(ensembles)
+    used: set[str] = set()
     for e in entries:
         rows, summary = calibration_table(e)
         cal_summary.append(summary)
-        paths.append(write_csv(out / f"calibration-{e.name}.csv", rows))
+        stem = e.name if e.name not in used else f"{e.name}-{len(used)}"   # two runs, one name
+        used.add(stem)
+        paths.append(write_csv(out / f"calibration-{stem}.csv", rows))
         if e in (best_single, best_ens):
             cal_md.append(f"#### {e.name}\n\n" + markdown_table(rows, pct=False))
     paths.append(write_csv(out / "calibration_summary.csv", cal_summary))
