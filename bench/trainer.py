@@ -150,7 +150,8 @@ def make_trainer_run(cfg, loader, num_classes: int):
     from accelerate.utils import set_seed
 
     from mlic_dist.tracking import Tracker
-    from mlic_dist.train import Run, TrainState, build_accelerator, build_optimizer
+    from mlic_dist.optim import build_optimizer
+    from mlic_dist.train import Run, TrainState, build_accelerator
 
     acc = build_accelerator(cfg)
     set_seed(cfg.seed)

@@ -1,6 +1,7 @@
 """Atomic checkpoints that survive `kill -9`, loadable with `weights_only=True`.
 
-A checkpoint is a directory `OUTPUT/checkpoints/e{epoch:04d}-s{step:07d}/` holding
+A checkpoint is a directory `OUTPUT/checkpoints/e{epoch:04d}-s{step:07d}/` (epoch in progress,
+optimizer steps done in it; `-s0000000` is an epoch boundary) holding
   state.pt        model, optimizer, scheduler, grad scaler, trainer state (rank 0 writes it)
   rng-{rank}.pt   each rank's Python / NumPy / torch RNG states
 It is written under a temporary name and renamed when complete (a rename is atomic on POSIX),
@@ -149,8 +150,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _prune(output_dir, keep: int, protect: tuple[Path, ...]) -> None:
+    """Keep the `keep` newest, plus the newest epoch boundary (`-s0000000`): a resume that cannot
+    continue mid-epoch exactly (another world size) restarts the epoch from there."""
     ckpts = list_checkpoints(output_dir)
-    protected = {p.resolve() for p in protect if p}
+    boundaries = [p for p in ckpts if p.name.endswith("-s0000000")]
+    protected = {p.resolve() for p in protect if p} | {p.resolve() for p in boundaries[-1:]}
     for p in ckpts[:-keep] if keep > 0 else ckpts:
         if p.resolve() not in protected:
             shutil.rmtree(p, ignore_errors=True)

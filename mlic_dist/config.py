@@ -18,8 +18,10 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names the key, the value and the fix."""
 
 
@@ -102,6 +104,8 @@ class ModelConfig:
     """Keep activations in NHWC memory format (faster convolutions with AMP)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics across processes (SyncBatchNorm; GPU DDP only, ignored with 1 process)."""
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
@@ -124,9 +128,18 @@ class OptimConfig:
     """Adam betas."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
+    lr_scaling: str = "none"
+    """none (lr and head_lr as given, whatever the global batch) | linear (x global batch / base_batch_size)."""
+    base_batch_size: int = 16
+    """Global batch that lr and head_lr are meant for (the paper: 16); used by lr_scaling=linear."""
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warmup from ~0 over this many epochs (per optimizer step); 0 = off."""
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sgd", "adam"))
+        _check_choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
+        _check_positive("optim.base_batch_size", self.base_batch_size)
+        _check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.head_lr", self.head_lr)
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
@@ -171,6 +184,8 @@ class TrainConfig:
     """Run directory: checkpoints, resolved config, scores, thresholds, metrics."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any) | never | PATH to a checkpoint directory."""
+    resume_accept: str = ""
+    """Comma-separated keys (or `all`) whose change since the checkpoint a resume accepts on purpose; others are refused."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps inside an epoch; 0 = at epoch ends only."""
     keep_checkpoints: int = 2
@@ -181,6 +196,8 @@ class TrainConfig:
     """Progress-bar refresh and step-metric logging interval."""
     eval_test: bool = True
     """Score the test split with the best checkpoint at the end."""
+    max_nonfinite_steps: int = 10
+    """Stop (diverged) after this many optimizer steps in a row with a non-finite loss or gradient; those steps are skipped."""
     ddp_bucket_cap_mb: int = 25
     """DDP gradient bucket size in MB."""
     ddp_gradient_as_bucket_view: bool = True
@@ -198,6 +215,7 @@ class TrainConfig:
         _check_positive("train.keep_checkpoints", self.keep_checkpoints)
         _check_positive("train.log_every_steps", self.log_every_steps)
         _check_positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
+        _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("train.resume='' is not valid; use auto, never or a checkpoint directory")
 
@@ -215,7 +233,12 @@ class TrackingConfig:
     parent_run_id: Optional[str] = None
     """Nest this run under a parent run (sweeps set this)."""
     log_artifacts: bool = True
-    """Upload the run directory's small files (config, metrics, scores, thresholds) as artifacts."""
+    """Upload the run directory's files (config, metrics, scores, thresholds, best weights) as artifacts."""
+    flush_timeout_s: float = 120.0
+    """At the end, wait at most this long for queued MLflow calls (a few seconds if MLflow is down)."""
+
+    def __post_init__(self):
+        _check_positive("tracking.flush_timeout_s", self.flush_timeout_s, allow_zero=True)
 
 
 @dataclass(frozen=True)

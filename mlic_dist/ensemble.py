@@ -162,7 +162,7 @@ def log_ensemble(out: Path, target: Target, members: Sequence[Member], weights: 
     """An MLflow run in `target.experiment` through `tracking.Tracker`; returns its id (None when
     MLflow was unreachable: the Tracker warned, the directory holds everything)."""
     from .config import TrackingConfig
-    from .tracking import Tracker, resolve_uri
+    from .tracking import Tracker, final_metrics, resolve_uri
 
     uri = resolve_uri(target.uri)
     parents = {m.parent_run_id for m in members}
@@ -176,7 +176,7 @@ def log_ensemble(out: Path, target: Target, members: Sequence[Member], weights: 
                          parent_run_id=parent, log_artifacts=True)
     tracker = Tracker(cfg, out)
     tracker.start(_params(members, weights, kind), resume_run_id=previous, tags=tags)
-    tracker.log_metrics(mq.final_metrics(result), step=0)
+    tracker.log_metrics(final_metrics(result), step=0)   # the names of a training run's final metrics
     tracker.log_artifacts(rundir.artifact_files(out))
     tracker.finish("FINISHED")   # returns once MLflow has everything (or gave up, with a warning)
     run_id = tracker.run_id      # known after the start reached MLflow

@@ -1,5 +1,5 @@
 """Reading MLflow: which runs an experiment holds, their params and tags, and where their run
-directories are; plus the names a run's final metrics carry in MLflow.
+directories are.
 
     from mlic_dist import mlflow_query as mq
     client = mq.connect("http://127.0.0.1:5000")          # or sqlite:///mlflow.db, None = default
@@ -53,27 +53,6 @@ class TrackedRun:
     def run_dir(self) -> Optional[Path]:
         d = self.tags.get(RUN_DIR_TAG)
         return Path(d) if d else None
-
-
-def final_metrics(result: dict) -> dict:
-    """metrics.json's dict -> the flat MLflow metric names of a finished run (or ensemble):
-    `final_val_mAP`, `final_val_top3_OF1`, `test_mAP`, `test_thresh_CF1_mean`, ... The validation
-    prefix is `final_val` because `val_*` names the per-epoch curves. Values that are not
-    numbers (None: undefined) are left out. The one definition: train and ensemble use it."""
-    flat = {}
-    for split in ("val", "test"):
-        r = result.get(split)
-        if not isinstance(r, dict):
-            continue
-        prefix = "final_val" if split == "val" else split
-        for key in ("mAP", "eAP"):
-            if isinstance(r.get(key), (int, float)):
-                flat[f"{prefix}_{key}"] = r[key]
-        for rule in [k for k in r if isinstance(r[k], dict) and k != "settings"]:
-            for m, v in r[rule].items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    flat[f"{prefix}_{rule}_{m}"] = v
-    return flat
 
 
 def run_link(experiment_id: str, run_id: str) -> str:

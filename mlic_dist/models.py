@@ -36,20 +36,29 @@ def list_models() -> list[str]:
 
 
 class MultiLabelNet(nn.Module):
-    """body (B,3,H,W)->(B,F), optional dropout, head Linear(F,C) -> logits (B,C)."""
+    """body (B,3,H,W)->(B,F), optional dropout, head Linear(F,C) -> logits (B,C).
 
-    def __init__(self, body: nn.Module, num_features: int, num_classes: int, dropout: float = 0.0):
+    `fc_prefixes` names submodules of `body` that belong to the fully connected part trained
+    at the head learning rate (VGG16's fc6/fc7: the paper trains "the fully connected layers"
+    at 0.1, as the seed repo's `classifier` group does)."""
+
+    def __init__(self, body: nn.Module, num_features: int, num_classes: int, dropout: float = 0.0,
+                 fc_prefixes: tuple[str, ...] = ()):
         super().__init__()
         self.body = body
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(num_features, num_classes)
+        self.fc_prefixes = tuple(fc_prefixes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.body(x)))
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, head parameters) for per-group learning rates."""
-        return list(self.body.parameters()), list(self.head.parameters())
+        """(backbone parameters at optim.lr, fully connected + head parameters at optim.head_lr)."""
+        backbone, fc = [], []
+        for name, p in self.body.named_parameters():
+            (fc if name.startswith(self.fc_prefixes) and self.fc_prefixes else backbone).append(p)
+        return backbone, fc + list(self.head.parameters())
 
 
 # --------------------------------------------------------------------------- pretrained weights
@@ -130,7 +139,8 @@ def _vgg(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiL
     tv.avgpool = nn.AdaptiveAvgPool2d((7, 7))  # fc6 keeps its pretrained 7x7 input at any size
     num_features = tv.classifier[6].in_features
     tv.classifier[6] = nn.Identity()  # keep fc6/fc7 (pretrained); the new head replaces fc8
-    return MultiLabelNet(tv, num_features, num_classes, dropout)
+    # fc6/fc7 train at the head lr with fc8, as the paper and the seed repo's `classifier` group do
+    return MultiLabelNet(tv, num_features, num_classes, dropout, fc_prefixes=("classifier.",))
 
 
 def _mobilenet(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:

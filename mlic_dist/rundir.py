@@ -132,6 +132,17 @@ def write_tracking(out: str | Path, tracking_uri: str, experiment: str, run_id: 
                                       "run_id": run_id})
 
 
+def load_tracking(out: str | Path) -> Optional[dict]:
+    """tracking.json ({"tracking_uri", "experiment", "run_id"}) or None."""
+    path = Path(out) / TRACKING
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
 def artifact_files(out: str | Path) -> list[Path]:
     """The small files a tracker uploads (no checkpoints, no weights)."""
     out = Path(out)

@@ -16,13 +16,16 @@ from .distributed import gather
 
 
 @torch.no_grad()
-def predict_split(run, loader, num_samples: int) -> tuple[np.ndarray, float]:
+def predict_split(run, loader, num_samples: int, desc: str = "eval") -> tuple[np.ndarray, float]:
     """Probabilities (N, C) in id order (every sample exactly once, padding dropped) and the
-    mean validation loss over those samples, gathered from all ranks."""
+    mean validation loss over those samples, gathered from all ranks. A progress bar on rank 0."""
+    from tqdm import tqdm
+
     model, acc = run.model, run.accelerator
     model.eval()
     ids, probs, losses = [], [], []
-    for batch in loader:
+    for batch in tqdm(loader, total=len(loader), desc=desc, disable=not acc.is_main_process,
+                      dynamic_ncols=True, leave=False):
         logits = model(batch.images).float()  # (B, C)
         per_sample = (F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
                       * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1.0)  # (B,)
@@ -47,8 +50,11 @@ def predict_split(run, loader, num_samples: int) -> tuple[np.ndarray, float]:
     return all_probs.astype(np.float32), float(all_losses.mean()) if len(all_losses) else float("nan")
 
 
-def evaluate(run, loader, labels: np.ndarray) -> dict:
-    probs, loss = predict_split(run, loader, len(labels))
+def evaluate(run, loader, labels: np.ndarray, desc: str = "eval") -> dict:
+    """{"loss", "mAP", "probs"}; mAP is NaN when the scores are not finite (divergence)."""
+    probs, loss = predict_split(run, loader, len(labels), desc)
+    if not np.isfinite(probs).all():
+        return {"loss": loss, "mAP": float("nan"), "probs": probs}
     ap = metrics.average_precision(probs, labels)
     valid = ~np.isnan(ap)
     return {"loss": loss, "mAP": float(ap[valid].mean()) if valid.any() else float("nan"), "probs": probs}

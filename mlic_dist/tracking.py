@@ -1,26 +1,48 @@
-"""The one place that talks to MLflow. Rank 0 only; a tracking failure never stops training.
+"""The one place that writes to MLflow. Rank 0 only; tracking never stops or stalls training.
 
-`Tracker(cfg.tracking, run_dir, active=is_rank0)`:
+`Tracker(cfg.tracking, run_dir, active=is_rank0)` queues every call (start, params, metrics,
+tags, artifacts, end) and returns at once; one background thread drains the queue to MLflow, so
+no tracking call runs on the training loop's critical path:
   - `tracking.enabled=false` or a non-zero rank: every call is a no-op.
   - `tracking.uri=null`: the embedded local store, MLflow 3's SQLite file `mlflow.db` in the
-    working directory (the file store is deprecated), artifacts in `./mlartifacts`.
-  - A server that is down or errors: one warning, then calls are skipped for `retry_s` seconds
-    before the next attempt. The run directory always holds everything (history.jsonl,
-    metrics.json, scores), so nothing is lost.
-MLflow is imported lazily so a trainer without it runs with tracking off.
+    working directory (the file store is deprecated), artifacts in `./mlartifacts`. A fresh
+    SQLite store is created once under a file lock (`init_sqlite_store`), so several trainers
+    can open one new store together (concurrent schema creation races otherwise).
+  - A store that cannot be created or reached, or a server that errors or never answers: one
+    warning; the thread retries with backoff while training goes on; the queue is bounded
+    (oldest step-level metrics are dropped first when it fills). `finish()` flushes for at most
+    `tracking.flush_timeout_s` while MLflow answers, a few seconds when a server is down or never
+    answered (a local store is waited for: its locks pass; a local store that cannot be created
+    at all turns tracking off with a warning).
+  - The run directory always holds everything (history.jsonl, metrics.json, scores); a run whose
+    tracking failed is re-logged later with `python -m mlic_dist.tracking relog RUN_DIR`.
+`tracking.json` in the run directory records the MLflow run once it exists (resume re-opens it).
+MLflow is imported lazily (in the thread), so a trainer without it runs with tracking off.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import os
+import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from .config import TrackingConfig
 
 # Fail fast on a dead server: MLflow's HTTP client otherwise retries with backoff for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+# The thread retries on its own schedule.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+# MLflow errors that retrying cannot fix (the request itself is wrong): the op is dropped.
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS",
+                    "INVALID_STATE", "MALFORMED_REQUEST"}
+_DOWN_GRACE_S = 3.0   # how long finish() waits for MLflow when it is not answering
 
 
 def default_uri() -> str:
@@ -59,10 +81,9 @@ def ensure_experiment(client, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
-    uri = client.tracking_uri if hasattr(client, "tracking_uri") else ""
-    if str(uri).startswith("sqlite:///"):
-        db = Path(str(uri)[len("sqlite:///"):])
-        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    uri = str(getattr(client, "tracking_uri", ""))
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # another process created it first
@@ -72,110 +93,418 @@ def ensure_experiment(client, name: str) -> str:
         return exp.experiment_id
 
 
+# --------------------------------------------------------------------------- what a run says
+
+
+def final_metrics(result: dict) -> dict:
+    """metrics.json's dict -> flat MLflow metric names, one definition for runs and ensembles:
+    `final_val_mAP`, `test_mAP`, `test_top3_OF1`, `test_thresh_CF1`, ... (`val_*` names the
+    per-epoch curves, so the final validation scores are `final_val_*`)."""
+    flat = {}
+    for name in ("val", "test"):
+        r = result.get(name)
+        if not isinstance(r, dict):
+            continue
+        prefix = "final_val" if name == "val" else name
+        flat[f"{prefix}_mAP"], flat[f"{prefix}_eAP"] = r.get("mAP"), r.get("eAP")
+        if isinstance(r.get("loss"), (int, float)):
+            flat[f"{prefix}_loss"] = r["loss"]
+        for rule in [k for k in r if isinstance(r[k], dict) and k != "settings"]:
+            for m, v in r[rule].items():
+                if isinstance(v, (int, float)):
+                    flat[f"{prefix}_{rule}_{m}"] = v
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def code_version_tags() -> dict:
+    """MLflow's source tags for the code that runs: the git commit of the mlic_dist checkout
+    (`mlflow.source.git.commit`, plus whether the tree had uncommitted changes), else the
+    installed package version."""
+    pkg = Path(__file__).resolve().parent
+    tags = {"mlflow.source.name": "mlic_dist", "mlflow.source.type": "LOCAL"}
+    try:
+        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--", str(pkg)],
+                                   capture_output=True, text=True, timeout=5)
+            tags["mlic.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+            return tags
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        tags["mlic.version"] = version("mlic_dist")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        pass
+    return tags
+
+
+def manifest_digest(shards_dir: str | Path) -> Optional[str]:
+    """A digest of the data a run trains on: sha256 over the manifest's classes and, per split,
+    its shards' sha256 and sample counts (not its timings or paths: re-sharding the same data
+    elsewhere gives the same digest). None without a manifest."""
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        content = {"classes": doc["classes"],
+                   "splits": {name: [[s.get("sha256"), s.get("num_samples")] for s in info["shards"]]
+                              for name, info in sorted(doc["splits"].items())}}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+class _Permanent(Exception):
+    pass
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool = True,
-                 retry_s: float = 60.0):
+                 retry_s: float = 30.0, max_queue: int = 10_000):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.active = active and cfg.enabled
         self.retry_s = retry_s
-        self.client = None
+        self.max_queue = max_queue
+        self.uri = resolve_uri(cfg.uri)
         self.run_id: str | None = None
-        self._down_since: float | None = None
-        self._warned = False
-        self._start_args: tuple | None = None  # kept to retry a start the server refused
+        self.experiment_id: str | None = None
+        self.dropped = 0
+        self.answered = False      # some MLflow call succeeded
+        self.down = False          # the last MLflow call failed
+        self._remote = not self.uri.startswith(("sqlite:", "file:", "/"))
+        self._params_logged = False
+        self._client = None
+        self._queue: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = False          # the thread is executing an op
+        self._closed = False
+        self._warned: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()   # the run exists, or starting it failed for good
 
-    # ------------------------------------------------------------------ guarded calls
+    # ------------------------------------------------------------------ public, non-blocking
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def start(self, params: dict, resume_run_id: str | None = None, tags: dict | None = None,
+              inputs: Optional[list[dict]] = None, wait_s: float = 0.0) -> str | None:
+        """Queue the run's creation (or re-opening, after a resume) with its params, tags and
+        dataset inputs ({"name", "digest", "source"}). Returns the run id if it exists within
+        `wait_s` seconds (0 for training: it never waits), else None (`run_id` fills in later)."""
         if not self.active:
             return None
-        if self._down_since is not None and time.time() - self._down_since < self.retry_s:
-            return None
+        self._thread = threading.Thread(target=self._drain, name="mlic-tracking", daemon=True)
+        self._thread.start()
+        self._put(("start", dict(params), resume_run_id, dict(tags or {}), list(inputs or [])))
+        if wait_s:
+            self._started.wait(wait_s)
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        self._put(("params", dict(params)))
+
+    def set_tags(self, tags: dict) -> None:
+        self._put(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_metrics(self, metrics: dict, step: int, step_level: bool = False) -> None:
+        """`step_level` marks high-rate metrics, the first dropped when the queue is full."""
+        items = {k.replace("@", "_at_"): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}  # no NaN
+        if items:
+            self._put(("metrics", items, int(step), int(time.time() * 1000)), step_level=step_level)
+
+    def log_artifacts(self, paths: list, artifact_path: str | None = None) -> None:
+        if self.cfg.log_artifacts:
+            self._put(("artifacts", [str(p) for p in paths], artifact_path))
+
+    def finish(self, status: str = "FINISHED") -> bool:
+        """End the run and flush: up to `tracking.flush_timeout_s` while MLflow answers, a few
+        seconds when it does not (down, or a server that never answered). Returns True when
+        MLflow received everything; otherwise warns how to re-log the run directory."""
+        if not self.active or self._thread is None:
+            return True
+        self._put(("end", status))
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        closed_at = time.time()
+        deadline = closed_at + self.cfg.flush_timeout_s
+        while self._thread.is_alive() and time.time() < deadline:
+            self._thread.join(0.2)
+            # A local store that failed (locked by other writers) recovers: wait. A server that
+            # is down or never answered gets a few seconds, then the run directory is the record.
+            unreachable = self._remote and (self.down or not self.answered)
+            if unreachable and time.time() > closed_at + _DOWN_GRACE_S:
+                break
+        complete = (not self._thread.is_alive() and self.dropped == 0 and not self.down
+                    and self.run_id is not None)
+        if not complete:
+            warnings.warn(f"MLflow ({self.uri}) did not receive all of this run: everything is in "
+                          f"{self.run_dir}; log it later with `python -m mlic_dist.tracking relog "
+                          f"{self.run_dir}`", stacklevel=2)
+        return complete
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until the queue is empty (True) or `timeout_s` passed (False)."""
+        if not self.active or self._thread is None:
+            return True
+        deadline = time.time() + (self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
+        with self._cv:
+            while (self._queue or self._busy) and self._thread.is_alive():
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.2))
+        return True
+
+    # ------------------------------------------------------------------ queue
+
+    def _put(self, op: tuple, step_level: bool = False) -> None:
+        if not self.active or self._thread is None:
+            return
+        with self._cv:
+            if len(self._queue) >= self.max_queue:
+                first = 1 if self._busy else 0   # the op being executed stays
+                victim = next((i for i in range(first, len(self._queue)) if self._queue[i][0]), None)
+                if victim is None and step_level:
+                    self.dropped += 1
+                    self._warn_once("full", f"MLflow queue full ({self.max_queue} calls): dropping "
+                                    f"step metrics; the run directory {self.run_dir} keeps every epoch")
+                    return
+                if victim is not None:
+                    del self._queue[victim]
+                    self.dropped += 1
+            self._queue.append((step_level, op))
+            self._cv.notify_all()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def _drain(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                _, op = self._queue[0]
+                self._busy = True
+            try:
+                if op[0] != "start" and self.run_id is None:
+                    ok = True   # the start failed for good (warned): nothing to log to
+                else:
+                    self._execute(op)
+                    ok = True
+            except _Permanent as e:
+                self._warn_once(f"perm-{op[0]}", f"MLflow {op[0]} failed and is skipped ({e}); "
+                                f"training goes on, everything is kept in {self.run_dir}")
+                if op[0] == "start":
+                    self._started.set()
+                ok = True   # dropped: retrying cannot fix it
+            except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+                self.down = True
+                self._warn_once("down", f"MLflow {op[0]} failed ({type(e).__name__}: {str(e)[:300]}); "
+                                f"training goes on, retrying in the background; everything is kept "
+                                f"in {self.run_dir}")
+                ok = False
+            with self._cv:
+                self._busy = False
+                if ok:
+                    self._queue.popleft()
+                    backoff = 1.0
+                self._cv.notify_all()
+                if not ok:
+                    if self._closed:
+                        self._cv.wait(min(backoff, _DOWN_GRACE_S))
+                    else:
+                        self._cv.wait(backoff)
+                    backoff = min(backoff * 2, self.retry_s) if self.retry_s > 0 else 0.0
+
+    # ------------------------------------------------------------------ MLflow calls (the thread)
+
+    def _client_for_uri(self):
+        if self._client is None:
+            try:
+                from mlflow.exceptions import MlflowException
+                from mlflow.tracking import MlflowClient
+            except ImportError:
+                raise _Permanent("mlflow is not installed: tracking is off") from None
+            try:
+                init_sqlite_store(self.uri)
+            except Exception as e:  # noqa: BLE001 - "locked" is transient; the rest is a bad path
+                if "locked" in str(e):
+                    raise
+                raise _Permanent(f"the local MLflow store {self.uri} cannot be created or opened "
+                                 f"({type(e).__name__}: {str(e)[:200]}); set tracking.uri to a "
+                                 f"writable location") from None
+            try:
+                client = MlflowClient(tracking_uri=self.uri)
+                client._tracking_client.store  # builds the store: an unknown scheme fails here
+            except MlflowException as e:
+                if "unsupported URI" in str(e) or "registered tracking store" in str(e):
+                    raise _Permanent(f"tracking.uri={self.uri!r} is not a URI MLflow can use: {e}") from None
+                raise
+            self._client = client
+        return self._client
+
+    def _execute(self, op: tuple) -> None:
+        from mlflow.exceptions import MlflowException
+
         try:
-            out = fn(*args, **kwargs)
-            if self._down_since is not None:
-                warnings.warn(f"MLflow tracking is back; calls skipped while it was down are in {self.run_dir}")
-            self._down_since = None
-            return out
-        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            self._down_since = time.time()
-            if not self._warned:
-                warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on, "
-                              f"everything is kept in {self.run_dir}", stacklevel=3)
-                self._warned = True
-            return None
+            getattr(self, "_op_" + op[0])(*op[1:])
+            self.answered, self.down = True, False
+        except MlflowException as e:
+            if getattr(e, "error_code", None) in _PERMANENT_CODES:
+                raise _Permanent(str(e)[:300]) from None
+            raise
 
-    # ------------------------------------------------------------------ run lifecycle
+    def _op_start(self, params, resume_run_id, tags, inputs) -> None:
+        """Idempotent: a retry after a failure part-way goes on where the last attempt stopped."""
+        client = self._client_for_uri()
+        if self.run_id is None and resume_run_id:
+            from mlflow.exceptions import MlflowException
 
-    def start(self, params: dict, resume_run_id: str | None = None, tags: dict | None = None) -> str | None:
-        """Open (or re-open, after a resume) the run; returns its id. If the server is down, the
-        start is retried (after `retry_s`) by the next call that logs something."""
-        if not self.active:
-            return None
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            warnings.warn("mlflow is not installed: tracking is off")
-            self.active = False
-            return None
-        self.client = MlflowClient(tracking_uri=resolve_uri(self.cfg.uri))
-        self._start_args = (params, resume_run_id, tags)
-        return self._try_start()
-
-    def _try_start(self) -> str | None:
-        params, resume_run_id, tags = self._start_args
-
-        def _start():
-            if resume_run_id:
-                self.client.update_run(resume_run_id, status="RUNNING")
-                return resume_run_id
-            exp_id = ensure_experiment(self.client, self.cfg.experiment)
+            try:
+                run = client.get_run(resume_run_id)
+                client.update_run(resume_run_id, status="RUNNING")
+                self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
+                self._params_logged = True   # params are immutable: the run has them
+                if tags:
+                    self._op_tags({k: str(v) for k, v in tags.items()})
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise                     # the run is gone (another store): a new run below
+        if self.run_id is None:
+            self.experiment_id = ensure_experiment(client, self.cfg.experiment)
             all_tags = {"mlflow.runName": self.cfg.run_name or self.run_dir.name,
                         "run_dir": str(self.run_dir.resolve())}
             if self.cfg.parent_run_id:
                 all_tags["mlflow.parentRunId"] = self.cfg.parent_run_id
-            all_tags.update(tags or {})
-            run = self.client.create_run(exp_id, tags=all_tags)
-            return run.info.run_id
+            all_tags.update({k: str(v) for k, v in tags.items()})
+            self.run_id = client.create_run(self.experiment_id, tags=all_tags).info.run_id
+        if not self._params_logged:
+            self._op_params(params)
+            if inputs:
+                from mlflow.entities import Dataset, DatasetInput
 
-        self.run_id = self._call("start_run", _start)
-        if self.run_id and not resume_run_id:
-            self.log_params(params)
-        return self.run_id
+                client.log_inputs(self.run_id, [DatasetInput(Dataset(
+                    name=i["name"], digest=i["digest"][:36], source_type="local", source=i["source"]))
+                    for i in inputs])
+            self._params_logged = True
+        if self.run_dir.is_dir():
+            from . import rundir
 
-    def _ready(self) -> bool:
-        """A run is open, or a retried start just opened it."""
-        if not self.active or self.client is None:
-            return False
-        if self.run_id is None and self._start_args is not None:
-            self._try_start()
-        return self.run_id is not None
+            rundir.write_tracking(self.run_dir, self.uri, self.cfg.experiment, self.run_id)
+        self._started.set()
 
-    def log_params(self, params: dict) -> None:
+    def _op_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the REST API takes at most 100 params a batch
-            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        if not self._ready():
-            return
+    def _op_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+
+    def _op_metrics(self, items: dict, step: int, ts: int) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_at_"), float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and v == v]  # NaN never reaches the store
-        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+        batch = [Metric(k, v, ts, step) for k, v in items.items()]
+        # Later metric ops already queued go in the same request (one round trip, not many).
+        with self._cv:
+            while len(batch) < 900 and len(self._queue) > 1 and self._queue[1][1][0] == "metrics":
+                _, (_, more, mstep, mts) = self._queue[1]
+                batch += [Metric(k, v, mts, mstep) for k, v in more.items()]
+                del self._queue[1]
+        self._client.log_batch(self.run_id, metrics=batch)
 
-    def log_artifacts(self, paths: list[Path]) -> None:
-        if not self.cfg.log_artifacts or not self._ready():
-            return
+    def _op_artifacts(self, paths: list, artifact_path) -> None:
         for p in paths:
             if Path(p).is_file():
-                self._call("log_artifact", self.client.log_artifact, self.run_id, str(p))
+                self._client.log_artifact(self.run_id, p, artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self._ready():
-            self._call("end_run", self.client.set_terminated, self.run_id, status)
+    def _op_end(self, status: str) -> None:
+        self._client.set_terminated(self.run_id, status)
+
+
+# --------------------------------------------------------------------------- relog
+
+
+def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = None,
+          flush_timeout_s: float = 600.0) -> str:
+    """Log a finished run directory to MLflow after the fact (its tracking failed, or it ran
+    with tracking off): params from config.yaml, per-epoch metrics from history.jsonl, final
+    metrics from metrics.json, the files as artifacts. Re-opens the run tracking.json names
+    when it still exists there. Returns the run id."""
+    from . import rundir
+    from .config import flatten
+
+    run = rundir.load_run(run_dir)
+    tcfg = dict((run.config or {}).get("tracking") or {})
+    tcfg.update(enabled=True, flush_timeout_s=flush_timeout_s)
+    if uri:
+        tcfg["uri"] = uri
+    if experiment:
+        tcfg["experiment"] = experiment
+    tracker = Tracker(TrackingConfig(**tcfg), run.path, retry_s=2.0)
+    previous = (run.tracking or {}).get("run_id")
+    run_id = tracker.start(flatten(run.config or {}), resume_run_id=previous, wait_s=60)
+    if run_id is None:
+        raise RuntimeError(f"MLflow at {tracker.uri} did not answer: nothing was logged")
+    logged = set()
+    if run_id == previous:  # a partly logged run: add only the epochs it lacks
+        from mlflow.tracking import MlflowClient
+
+        logged = {m.step for m in MlflowClient(tracker.uri).get_metric_history(run_id, "val_mAP")}
+    for record in run.history:
+        if record.get("epoch", 0) not in logged:
+            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record.get("epoch", 0))
+    if run.metrics:
+        tracker.log_metrics(final_metrics(run.metrics), step=len(run.history))
+    tracker.log_artifacts(rundir.artifact_files(run.path))
+    if (run.path / rundir.BEST_MODEL).is_file():
+        tracker.log_artifacts([run.path / rundir.BEST_MODEL])
+    if not tracker.finish("FINISHED" if run.metrics else "FAILED"):
+        raise RuntimeError(f"MLflow at {tracker.uri} did not take everything within {flush_timeout_s:.0f} s")
+    return run_id
+
+
+def main(argv=None) -> None:
+    """python -m mlic_dist.tracking relog RUN_DIR [--tracking-uri URI] [--experiment NAME]"""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.tracking",
+                                description="Re-log a run directory to MLflow (after a tracking failure).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("relog", help="log RUN_DIR's params, metrics and files as an MLflow run")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--tracking-uri", help="MLflow URI (default: the run's tracking.uri, else ./mlflow.db)")
+    r.add_argument("--experiment", help="experiment name (default: the run's tracking.experiment)")
+    a = p.parse_args(argv)
+    try:
+        run_id = relog(a.run_dir, a.tracking_uri, a.experiment)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"run_id": run_id, "run_dir": str(a.run_dir)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,11 @@
 
 CPU, one process:  python -m mlic_dist.train --config configs/demo/scenes.yaml
 one GPU:           accelerate launch -m mlic_dist.train --config configs/voc2007/wang.yaml data.shards=DIR
-8 GPUs:            accelerate launch --multi_gpu --num_processes 8 -m mlic_dist.train --config ... 
-2 nodes x 8 GPUs:  accelerate launch --multi_gpu --num_machines 2 --machine_rank R \
-                       --main_process_ip HOST --main_process_port 29500 --num_processes 16 \
+8 GPUs:            accelerate launch --multi_gpu --num_processes 8 -m mlic_dist.train --config ...
+                       (global batch 8 x 16 = 128: add optim.lr_scaling=linear optim.warmup_epochs=1
+                       to scale the paper's learning rates, made for 16, and model.sync_bn=true)
+2 nodes x 8 GPUs:  accelerate launch --multi_gpu --num_machines 2 --machine_rank R \\
+                       --main_process_ip HOST --main_process_port 29500 --num_processes 16 \\
                        -m mlic_dist.train --config ...
 torchrun:          torchrun --nproc_per_node 2 -m mlic_dist.train --config ... (gloo on CPU)
 Ray Train workers call `train(cfg)` too (launch/sweep.py). Several nodes must share
@@ -13,8 +15,9 @@ Ray Train workers call `train(cfg)` too (launch/sweep.py). Several nodes must sh
 Flow: build (accelerator, manifest, model, optimizer, schedule, loaders) -> resume -> for each
 epoch: train_one_epoch -> evaluate on the validation split (never test) -> schedule, best
 checkpoint, early stopping -> atomic checkpoint. At the end the best weights score validation
-and test, per-class thresholds are tuned on validation, and the run directory receives
-config.yaml, classes.json, scores_/targets_/keys_{val,test}, thresholds.json, metrics.json.
+and test, per-class thresholds are tuned on validation, and the run directory receives its
+files (mlic_dist/rundir.py). Bad input exits with status 2 and one line; a run whose loss stays
+non-finite stops with status 1, naming the epoch, the step and the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -24,25 +27,26 @@ import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, metrics, rundir
+from . import checkpoint, metrics, optim, rundir, tracking
 from .config import Config, flatten, load_config, to_dict
 from .data import build_loader, read_manifest
 from .data.labels import read_split_labels
-from .models import create_model
 from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
+from .errors import DivergenceError, UserError
+from .models import create_model
+from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
 from .tracking import Tracker
 
@@ -57,7 +61,9 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0            # epochs since the best (early stopping)
     stopped: bool = False          # early stopping fired (survives a crash right after it)
-    run_id: str = ""               # MLflow run, re-opened after a resume
+    run_id: str = ""               # unused (tracking.json holds the MLflow run); old checkpoints
+    bad_steps: int = 0             # optimizer steps in a row with a non-finite loss/gradient
+    skipped_steps: int = 0         # all such steps (skipped, not applied)
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -78,6 +84,8 @@ class Run:
     out: Path
     tracker: Tracker
     state: TrainState
+    manifest_sha256: Optional[str] = None
+    last_good_checkpoint: Optional[Path] = None
 
     @property
     def is_main(self) -> bool:
@@ -119,39 +127,113 @@ def build_accelerator(cfg: Config):
     return acc
 
 
-def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    backbone, head = model.param_groups()
-    groups = [{"params": backbone, "lr": cfg.optim.lr, "name": "backbone"},
-              {"params": head, "lr": cfg.optim.head_lr, "name": "head"}]
-    if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                               weight_decay=cfg.optim.weight_decay)
-    return torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-
-
-def build_scheduler(cfg: Config, optimizer):
-    """Epoch-level schedules, stepped after each epoch (the seed repo stepped at epoch start,
-    which decays one epoch early on PyTorch >= 1.1)."""
-    s = cfg.schedule
-    if s.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs, gamma=s.gamma)
-    if s.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.plateau_factor,
-                                                          patience=s.plateau_patience)
-    return None
-
-
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean BCE-with-logits over the (sample, class) entries whose mask is 1."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")  # (B, C)
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-# --------------------------------------------------------------------------- epoch loops
+def _prepare_output_dir(cfg: Config) -> Path:
+    """Every rank checks and creates it (before any collective: an error here is the same on
+    every rank, so none waits forever at a barrier)."""
+    out = Path(cfg.train.output_dir)
+    used = [f for f in (rundir.CHECKPOINTS, rundir.HISTORY, rundir.BEST_MODEL) if (out / f).exists()]
+    if cfg.train.resume == "never" and used:
+        raise UserError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(used)}) and "
+                        f"train.resume=never would mix the two: use a new output_dir, or "
+                        f"train.resume=auto to continue that run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"train.output_dir={str(out)!r} cannot be created or written ({e.strerror or e}); "
+                        f"choose a writable directory") from None
+    return out
+
+
+def build_run(cfg: Config) -> Run:
+    """Everything a run needs. Bad input raises UserError (before any collective operation)."""
+    acc = build_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    try:
+        if not cfg.data.shards:
+            raise UserError("data.shards is not set: pass data.shards=DIR (a directory written by "
+                            "python -m mlic_dist.shard)")
+        manifest = read_manifest(cfg.data.shards)
+        classes = list(manifest.classes)
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            if split not in manifest.splits:
+                raise UserError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
+                                f"{sorted(manifest.splits)}); re-shard with a validation split")
+        out = _prepare_output_dir(cfg)
+        model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout)
+        loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
+        train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
+        val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
+        test_loader = None  # built now so a split too small for the world size fails before training
+        if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
+            test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise UserError(str(e)) from None
+    if cfg.model.sync_bn and acc.num_processes > 1:
+        if acc.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn("model.sync_bn=true needs GPUs (SyncBatchNorm has no CPU kernel): "
+                          "BatchNorm statistics stay per process")
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = optim.build_optimizer(cfg, model, acc.num_processes)
+    scheduler = optim.build_scheduler(cfg, optimizer)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    model, optimizer = acc.prepare(model, optimizer)
+    tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
+    return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
+               tracker, TrainState(), manifest_sha256=tracking.manifest_digest(cfg.data.shards))
+
+
+# --------------------------------------------------------------------------- epoch loop
+
+
+def _optimizer_step(run: Run, warmup: optim.Warmup) -> bool:
+    """Clip, check, step. Returns False when the step was skipped: non-finite gradients (bf16 /
+    fp32: checked here on the all-reduced gradients, so every rank decides alike) or the fp16
+    loss scaler's own skip (its normal way of finding a scale)."""
+    cfg, acc, opt = run.cfg, run.accelerator, run.optimizer
+    scaler = getattr(acc, "scaler", None)
+    norm = None
+    if cfg.optim.grad_clip:
+        norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+    elif scaler is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
+    if scaler is None and not bool(torch.isfinite(norm)):  # the one host sync of a step
+        opt.zero_grad(set_to_none=True)
+        return False
+    with warmup.applied(opt, run.state.global_step):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return not (scaler is not None and acc.optimizer_step_was_skipped)
+
+
+def _diverged(run: Run, epoch: int, step: int, what: str) -> DivergenceError:
+    ckpt = run.last_good_checkpoint
+    lrs = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in run.optimizer.param_groups)
+    where = (f"the last good checkpoint is {ckpt}" if ckpt else
+             "there is no good checkpoint (it diverged before the first one)")
+    return DivergenceError(
+        f"training diverged at epoch {epoch}, step {step}: {what}; {where}. Lower the learning "
+        f"rates (now {lrs}: optim.lr, optim.head_lr), set optim.grad_clip or optim.warmup_epochs"
+        + (f"; continue from the checkpoint with train.resume={ckpt} train.resume_accept=optim.lr,"
+           f"optim.head_lr and the new values" if ckpt else ""))
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict:
-    cfg, acc, model, opt = run.cfg, run.accelerator, run.model, run.optimizer
+    cfg, acc, model = run.cfg, run.accelerator, run.model
     accum = cfg.train.grad_accum_steps
     loader = run.train_loader
     loader.set_epoch(epoch)
@@ -159,10 +241,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     if cfg.train.max_steps_per_epoch:
         n_batches = min(n_batches, cfg.train.max_steps_per_epoch * accum)
     steps_total = math.ceil(n_batches / accum)
+    warmup = optim.Warmup(cfg.optim.warmup_epochs, steps_total)
     skip_batches = run.state.step_in_epoch * accum  # data position after a mid-epoch resume
     model.train()
     loss_sum = torch.zeros((), device=acc.device)
-    seen = 0
+    seen = skipped = 0
     t0 = time.perf_counter()
     bar = tqdm(total=steps_total, initial=run.state.step_in_epoch, disable=not run.is_main,
                desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
@@ -177,23 +260,30 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
             loss = masked_bce(logits, batch.targets, batch.mask)
             acc.backward(loss / window)
-        loss_sum += loss.detach()
+        loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
         seen += batch.images.shape[0]
         if not last_micro:
             continue
-        if cfg.optim.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if _optimizer_step(run, warmup):
+            run.state.bad_steps = 0
+        else:
+            run.state.bad_steps += 1
+            run.state.skipped_steps += 1
+            skipped += 1
+            if run.state.bad_steps >= cfg.train.max_nonfinite_steps:
+                bar.close()
+                raise _diverged(run, epoch, run.state.step_in_epoch + 1,
+                                f"the loss or its gradients were non-finite for {run.state.bad_steps} "
+                                f"optimizer steps in a row (skipped, not applied)")
         run.state.step_in_epoch += 1
         run.state.global_step += 1
         if run.state.step_in_epoch % cfg.train.log_every_steps == 0 or run.state.step_in_epoch == steps_total:
             dt = time.perf_counter() - t0
-            lr = opt.param_groups[0]["lr"]
+            lr = run.optimizer.param_groups[0]["lr"]
             imgs = seen * acc.num_processes / max(dt, 1e-9)
-            loss_now = loss.item()  # the one host sync of a logging step
+            loss_now = loss.item()  # the one extra host sync of a logging step
             bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs:.1f}")
-            run.tracker.log_metrics({"train_loss_step": loss_now}, step=run.state.global_step)
+            run.tracker.log_metrics({"train_loss_step": loss_now}, step=run.state.global_step, step_level=True)
         bar.update(1)
         every = cfg.train.checkpoint_every_steps
         if every and run.state.step_in_epoch % every == 0 and run.state.step_in_epoch < steps_total:
@@ -203,77 +293,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     micro = max(1, min(n_batches, len(loader)) - skip_batches)
     mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
     images_per_s = seen * acc.num_processes / max(dt, 1e-9)
-    return {"train_loss": mean_loss, "images_per_s": images_per_s, "epoch_time_s": dt}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run: Run) -> Path:
-    acc = run.accelerator
-    payload = None
-    if run.is_main:
-        payload = {
-            "model": unwrap(acc, run.model).state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-            "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
-            "trainer": run.state.to_dict(),
-            "config": to_dict(run.cfg),
-        }
-    return checkpoint.save(run.out, epoch=run.state.epoch, step=run.state.step_in_epoch,
-                           rank=acc.process_index, world_size=acc.num_processes, payload=payload,
-                           barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints)
-
-
-def _best_file(out: Path, epoch: int) -> Path:
-    return out / rundir.CHECKPOINTS / f"best-e{epoch:04d}.pt"
-
-
-def publish_best(run: Run) -> None:
-    """best_model.pt <- the weights of the epoch the trainer state calls best (rank 0).
-
-    New best weights are written as checkpoints/best-eNNNN.pt *before* the checkpoint whose
-    state names them, and published here *after* it: a crash anywhere in between leaves either
-    an unreferenced candidate (deleted here on resume) or a stale best_model.pt (replaced here),
-    never a best_model.pt that disagrees with the state."""
-    if not run.is_main or run.state.best_epoch < 0:
-        return
-    src = _best_file(run.out, run.state.best_epoch)
-    if src.is_file():
-        tmp = run.out / (rundir.BEST_MODEL + ".tmp")
-        # A copy, not a hard link: a tool that rewrites best_model.pt in place must not
-        # change the file the checkpoint refers to.
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, run.out / rundir.BEST_MODEL)
-    for p in (run.out / rundir.CHECKPOINTS).glob("best-e*.pt"):
-        if p != src:
-            p.unlink(missing_ok=True)
-
-
-def maybe_resume(run: Run) -> None:
-    mode = run.cfg.train.resume
-    if mode == "never":
-        return
-    path = checkpoint.latest(run.out) if mode == "auto" else Path(mode)
-    if path is None:
-        return
-    state, rng = checkpoint.load(path, run.accelerator.process_index)
-    unwrap(run.accelerator, run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scheduler is not None and state.get("scheduler") is not None:
-        run.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") is not None and getattr(run.accelerator, "scaler", None) is not None:
-        run.accelerator.scaler.load_state_dict(state["scaler"])
-    run.state = TrainState(**state["trainer"])
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-    elif state.get("world_size") != run.accelerator.num_processes:
-        warnings.warn(f"{path} was written by {state.get('world_size')} processes, this run has "
-                      f"{run.accelerator.num_processes}: model and optimizer resume, RNG streams restart")
-    publish_best(run)
-    if run.is_main:
-        print(f"resumed from {path} (epoch {run.state.epoch}, step {run.state.step_in_epoch})", flush=True)
+    return {"train_loss": mean_loss, "images_per_s": images_per_s, "epoch_time_s": dt,
+            "skipped_steps": skipped}
 
 
 # --------------------------------------------------------------------------- fit
@@ -285,45 +306,25 @@ def _improved(cfg: Config, value: float, best: float) -> bool:
     return value > best if cfg.train.select_metric == "val_mAP" else value < best
 
 
-def build_run(cfg: Config) -> Run:
-    acc = build_accelerator(cfg)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # the same initial weights on every rank
-    if not cfg.data.shards:
-        raise ValueError("data.shards is not set: pass data.shards=DIR (a directory written by mlic_dist.shard)")
-    manifest = read_manifest(cfg.data.shards)
-    classes = list(manifest.classes)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        if split not in manifest.splits:
-            raise ValueError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
-                             f"{sorted(manifest.splits)}); re-shard with a validation split")
-    model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
-    val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
-    test_loader = None  # built now so a split too small for the world size fails before training
-    if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
-        test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)
-    out = Path(cfg.train.output_dir)
-    used = [f for f in (rundir.CHECKPOINTS, rundir.HISTORY, rundir.BEST_MODEL) if (out / f).exists()]
-    if cfg.train.resume == "never" and used:
-        raise ValueError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(used)}) and "
-                         f"train.resume=never would mix the two: use a new output_dir, or "
-                         f"train.resume=auto to continue that run")
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
-    return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
-               tracker, TrainState())
+def _start_tracking(run: Run, resumed) -> None:
+    cfg = run.cfg
+    tags = {"backbone": cfg.model.backbone, "augment": cfg.data.augment, "size": cfg.data.size,
+            "mlic.kind": "single", "mlic.world_size": run.accelerator.num_processes,
+            "mlic.global_batch_size": optim.global_batch_size(cfg, run.accelerator.num_processes),
+            **tracking.code_version_tags()}
+    inputs = []
+    if run.manifest_sha256:
+        tags["mlic.data.manifest_sha256"] = run.manifest_sha256
+        shards = Path(cfg.data.shards).resolve()
+        inputs.append({"name": shards.name, "digest": run.manifest_sha256, "source": str(shards)})
+    previous = None
+    if resumed is not None:
+        previous = (rundir.load_tracking(run.out) or {}).get("run_id")
+        tags["mlic.resumed_from"] = str(resumed.checkpoint)
+        if resumed.changed or resumed.restarted_epoch:
+            tags["mlic.resume_changes"] = (resumed.summary() or "none") + (
+                "; epoch restarted from its start" if resumed.restarted_epoch else "")
+    run.tracker.start(flatten(to_dict(cfg)), resume_run_id=previous, tags=tags, inputs=inputs)
 
 
 def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict:
@@ -332,21 +333,23 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     `epoch_hook(record)` is called on every rank after each epoch (Ray Tune reporting uses it).
     """
     run = build_run(cfg)
-    maybe_resume(run)
+    resumed = maybe_resume(run)
     out, acc = run.out, run.accelerator
     if run.is_main:
         rundir.write_config(out, to_dict(cfg))
         rundir.write_classes(out, run.classes)
+        print(optim.describe_batch(cfg, acc.num_processes), flush=True)
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
-    run.state.run_id = run.tracker.start(flatten(to_dict(cfg)), resume_run_id=run.state.run_id or None,
-                                         tags={"backbone": cfg.model.backbone, "augment": cfg.data.augment,
-                                               "size": cfg.data.size}) or run.state.run_id
+    _start_tracking(run, resumed)
     status = "FAILED"
     try:
         while run.state.epoch < cfg.train.epochs and not run.state.stopped:
             epoch = run.state.epoch
             record = {"epoch": epoch, **train_one_epoch(run, epoch)}
-            val = evaluate(run, run.val_loader, val_labels)
+            val = evaluate(run, run.val_loader, val_labels, desc=f"val {epoch}")
+            if not np.isfinite(val["probs"]).all():
+                raise _diverged(run, epoch, run.state.step_in_epoch,
+                                "the model's validation scores are not finite after this epoch")
             record.update(val_loss=val["loss"], val_mAP=val["mAP"], lr=run.optimizer.param_groups[0]["lr"],
                           head_lr=run.optimizer.param_groups[-1]["lr"])
             if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -357,7 +360,7 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
             if _improved(cfg, value, run.state.best_value):
                 run.state.best_value, run.state.best_epoch, run.state.bad_epochs = value, epoch, 0
                 if run.is_main:  # a candidate until the checkpoint below names it (publish_best)
-                    checkpoint.save_weights(unwrap(acc, run.model).state_dict(), _best_file(out, epoch))
+                    checkpoint.save_weights(unwrap(acc, run.model).state_dict(), best_file(out, epoch))
             else:
                 run.state.bad_epochs += 1
             record["best_" + cfg.train.select_metric] = run.state.best_value
@@ -368,7 +371,6 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
             publish_best(run)
             if run.is_main:
                 rundir.write_history(out, run.state.history)
-            if run.is_main:
                 print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
             run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             if epoch_hook is not None:
@@ -379,6 +381,9 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
         result = finalize(run, val_keys, val_labels)
         status = "FINISHED"
         return result
+    except DivergenceError as e:
+        run.tracker.set_tags({"mlic.failure": str(e)[:4000]})
+        raise
     finally:
         run.tracker.finish(status)
 
@@ -389,20 +394,20 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     last_digest = check_ranks_in_sync(acc, run.model)
     publish_best(run)
     acc.wait_for_everyone()
-    best_file = out / rundir.BEST_MODEL
-    if best_file.is_file():
-        sd = torch.load(best_file, map_location="cpu", weights_only=True)
-        unwrap(acc, run.model).load_state_dict(sd)
+    best = out / rundir.BEST_MODEL
+    if best.is_file():
+        unwrap(acc, run.model).load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     splits = {"val": (run.val_loader, cfg.data.val_split)}
     if run.test_loader is not None:
         splits["test"] = (run.test_loader, cfg.data.test_split)
     result: dict = {"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.history),
                     "select_metric": cfg.train.select_metric, "world_size": acc.num_processes,
-                    "param_digest": last_digest}
+                    "global_batch_size": optim.global_batch_size(cfg, acc.num_processes),
+                    "skipped_steps": run.state.skipped_steps, "param_digest": last_digest}
     thresholds = None
     for name, (loader, split) in splits.items():
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
-        probs, loss = predict_split(run, loader, len(labels))
+        probs, loss = predict_split(run, loader, len(labels), desc=f"score {name}")
         if name == "val":
             thresholds = metrics.tune_thresholds(probs, labels)
         report = metrics.evaluate(probs, labels, classes=run.classes, thresholds=thresholds)
@@ -413,17 +418,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     if run.is_main:
         rundir.write_thresholds(out, thresholds, run.classes)
         rundir.write_metrics(out, result)
-        flat = {}
-        for name in splits:
-            r = result[name]
-            prefix = "final_val" if name == "val" else name  # val_* names the per-epoch curves
-            flat[f"{prefix}_mAP"], flat[f"{prefix}_eAP"] = r["mAP"], r.get("eAP")
-            for rule in [k for k in r if isinstance(r[k], dict) and k != "settings"]:
-                for m, v in r[rule].items():
-                    if isinstance(v, (int, float)):
-                        flat[f"{prefix}_{rule}_{m}"] = v
-        run.tracker.log_metrics(flat, step=len(run.state.history))
-        run.tracker.log_artifacts(rundir.artifact_files(out))
+        run.tracker.log_metrics(tracking.final_metrics(result), step=len(run.state.history))
+        run.tracker.log_artifacts(rundir.artifact_files(out) + [p for p in [out / rundir.BEST_MODEL] if p.is_file()])
         print(json.dumps({"val_mAP": result["val"]["mAP"],
                           "test_mAP": result.get("test", {}).get("mAP")}), flush=True)
     acc.wait_for_everyone()
@@ -449,14 +445,14 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None) -> None:
-    from .config import ConfigError
-
+    """User errors: one line, status 2. Divergence: one line, status 1. Both on every rank."""
     try:
-        cfg = parse_args(argv)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    train(cfg)
+        train(parse_args(argv))
+    except (UserError, DivergenceError) as e:
+        # one write: several ranks print at once, and their lines must not interleave
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 if __name__ == "__main__":

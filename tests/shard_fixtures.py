@@ -44,6 +44,7 @@ class Expected:
     rejects: dict = field(default_factory=dict)    # key -> reason
     converted: set = field(default_factory=set)    # keys whose image must be re-encoded
     num_inputs: int = 0
+    names: set = field(default_factory=set)        # class names in the annotations (VOC)
 
     def keep(self, key, labels, split):
         self.labels[key] = np.asarray(labels, np.int8)
@@ -53,6 +54,16 @@ class Expected:
     def reject(self, key, reason):
         self.rejects[key] = reason
         self.num_inputs += 1
+
+    def reindex(self, classes) -> "Expected":
+        """The same dataset with label columns in `classes` order (a class not in self.classes
+        gets an all-zero column): what a reader that picks its own class list must produce."""
+        cols = [self.classes.index(c) if c in self.classes else None for c in classes]
+        out = Expected(list(classes), dict(self.labels), dict(self.splits), dict(self.rejects),
+                       set(self.converted), self.num_inputs, set(self.names))
+        out.labels = {k: np.array([v[i] if i is not None else 0 for i in cols], np.int8)
+                      for k, v in self.labels.items()}
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,54 +201,80 @@ VOC_CLASSES = (
 )
 
 
-def _voc_xml(img_id, objects, size) -> str:
+def _voc_xml(img_id, objects, size, filename=None) -> str:
     objs = "".join(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
                    f"<difficult>{int(diff)}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
                    f"<xmax>10</xmax><ymax>10</ymax></bndbox></object>" for name, diff in objects)
-    return (f"<annotation><folder>VOC2007</folder><filename>{img_id}.jpg</filename><size>"
+    return (f"<annotation><folder>VOC2007</folder><filename>{filename or img_id + '.jpg'}</filename><size>"
             f"<width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
             f"{objs}</annotation>\n")
 
 
 def make_voc(root, n_train=10, n_val=4, n_test=6, image_size=(64, 48), seed=0,
-             trainval_only=False, bad=False, malformed=False) -> Expected:
-    """A VOC2007-style tree. trainval_only: only trainval.txt + test.txt (val gets carved)."""
+             trainval_only=False, bad=False, malformed=False, classes=VOC_CLASSES, classes_used=6,
+             layout="lists", png_every=0, cover_all=False) -> Expected:
+    """A VOC2007-style tree whose objects are drawn from the first `classes_used` of `classes`.
+
+    The returned Expected has `classes` as its class list (what `--classes FILE` listing them
+    gives); `exp.reindex(sorted(exp.names))` is what the default (the union of names) gives.
+    layout: "lists" = ImageSets/Main/{train,val,test}.txt (trainval_only: trainval.txt +
+    test.txt, val gets carved); "default" = one default.txt (CVAT's export of a task without
+    subsets) and "flat" = no ImageSets at all: every image is train, val gets carved.
+    png_every=k: every k-th image is a PNG saved as JPEGImages/ID.png and named so in the
+    XML's <filename> (the writer re-encodes it). cover_all: the first `classes_used` images each
+    hold one more class, in a shuffled order, so that every used class occurs.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    exp = Expected(list(VOC_CLASSES))
+    classes = list(classes)
+    exp = Expected(classes)
     lists = {"train": [], "val": [], "test": []}
     next_id = iter(range(1, 10**6))
+    one_split = layout in ("default", "flat")
+    cover = [int(c) for c in rng.permutation(classes_used)] if cover_all else []
+    if one_split:
+        trainval_only = True
 
     def add(split, objects=None, image_kind=None, write_image=True):
         img_id = f"{next(next_id):06d}"
+        if objects is None and cover_all and cover:
+            objects = [(classes[cover.pop()], False)]
         if objects is None:
-            classes = rng.choice(6, size=rng.integers(1, 3), replace=False)  # first 6 classes
-            objects = [(VOC_CLASSES[c], bool(rng.random() < 0.3)) for c in classes]
-            objects += [(VOC_CLASSES[classes[0]], False)] if rng.random() < 0.3 else []
-        lab = np.zeros(20, np.int8)
+            picked = rng.choice(classes_used, size=rng.integers(1, 3), replace=False)
+            objects = [(classes[c], bool(rng.random() < 0.3)) for c in picked]
+            objects += [(classes[picked[0]], False)] if rng.random() < 0.3 else []
+        lab = np.zeros(len(classes), np.int8)
         for name, diff in objects:
-            if name in VOC_CLASSES:
-                c = VOC_CLASSES.index(name)
+            exp.names.add(name)
+            if name in classes:
+                c = classes.index(name)
                 lab[c] = 1 if not diff else (lab[c] or -1)
-        (root / "Annotations" / f"{img_id}.xml").write_text(_voc_xml(img_id, objects, image_size))
+        png = png_every and write_image and not image_kind and int(img_id) % png_every == 0
+        filename = f"{img_id}.png" if png else None
+        (root / "Annotations" / f"{img_id}.xml").write_text(_voc_xml(img_id, objects, image_size,
+                                                                     filename))
         if write_image:
             if image_kind:
                 p = write_bad_image(root / "JPEGImages" / img_id, image_kind, lab, image_size, rng)
                 if p.suffix != ".jpg":  # VOC names images ID.jpg: keep the PNG bytes under .jpg
                     p.rename(p.with_suffix(".jpg"))
+            elif png:
+                draw_image(lab, image_size, rng).save(root / "JPEGImages" / filename)
+                exp.converted.add(img_id)
             else:
                 draw_image(lab, image_size, rng).save(root / "JPEGImages" / f"{img_id}.jpg")
-        lists[split].append(img_id)
+        lists["train" if one_split else split].append(img_id)
         return img_id, lab
 
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
         for _ in range(count):
             img_id, lab = add(split)
-            exp.keep(img_id, lab, None if trainval_only and split != "test" else split)
+            exp.keep(img_id, lab, None if trainval_only and (split != "test" or one_split) else split)
     # an image whose only objects are difficult: kept, all -1
-    img_id, lab = add("train", objects=[("dog", True), ("dog", True)])
+    name = "dog" if "dog" in classes else classes[classes_used - 1]
+    img_id, lab = add("train", objects=[(name, True), (name, True)])
     exp.keep(img_id, lab, None if trainval_only else "train")
     if bad:
         for kind in BAD_IMAGES:
@@ -254,6 +291,13 @@ def make_voc(root, n_train=10, n_val=4, n_test=6, image_size=(64, 48), seed=0,
         (root / "Annotations" / f"{img_id}.xml").write_text("<annotation>\n<object><name>dog\n"
                                                             "</annotation>\n")
     main = root / "ImageSets" / "Main"
+    if layout == "flat":
+        main.rmdir()
+        (root / "ImageSets").rmdir()
+        return exp
+    if layout == "default":
+        (main / "default.txt").write_text("".join(i + "\n" for i in lists["train"]))
+        return exp
     if trainval_only:
         (main / "trainval.txt").write_text("".join(i + "\n" for i in lists["train"] + lists["val"]))
     else:
@@ -322,6 +366,47 @@ def make_coco(root, n_train=12, n_val=6, image_size=(64, 48), seed=0, bad=False,
     return exp
 
 
+def make_coco_export(root, layout="roboflow", n_train=8, n_val=4, image_size=(32, 24),
+                     seed=0) -> tuple[Expected, dict]:
+    """A COCO export as annotation tools write it; returns (Expected, --split mapping).
+
+    "roboflow": ROOT/{train,valid}/_annotations.coco.json with the images beside them, file names
+    like "img_0001_jpg.rf.<hash>.jpg", and Roboflow's placeholder category id 0 (the others'
+    supercategory, never annotated: not a class). "flat": ROOT/labels.json, images directly in
+    ROOT, one train split (val gets carved).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    names = ["bolt", "gear", "nut"]
+    cats = [{"id": i + 1, "name": n, "supercategory": "parts"} for i, n in enumerate(names)]
+    if layout == "roboflow":
+        cats = [{"id": 0, "name": "parts", "supercategory": "none"}] + cats
+        parts = [("train", "train", n_train), ("val", "valid", n_val)]
+    else:
+        parts = [("train", ".", n_train + n_val)]
+    exp = Expected(names)
+    splits = {}
+    for split, folder, count in parts:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(count):
+            lab = random_labels(rng, len(names), with_ignore=False)
+            stem = f"{split}_{i:04d}_jpg.rf.{rng.integers(16**8):08x}" if layout == "roboflow" \
+                else f"photo {split} {i}"
+            draw_image(lab, image_size, rng).save(root / folder / f"{stem}.jpg")
+            images.append({"id": len(images), "file_name": f"{stem}.jpg", "width": image_size[0],
+                           "height": image_size[1]})
+            anns += [{"id": len(anns) + k, "image_id": len(images) - 1, "category_id": int(c) + 1,
+                      "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0}
+                     for k, c in enumerate(np.flatnonzero(lab == 1))]
+            key = stem.replace(".", "_").replace(" ", "_")
+            exp.keep(key, lab, split if layout == "roboflow" else None)
+        ann = root / folder / ("_annotations.coco.json" if layout == "roboflow" else "labels.json")
+        ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        splits[split] = str(ann.relative_to(root))
+    return exp, splits
+
+
 # --------------------------------------------------------------------------------------------
 # NUS-WIDE
 
@@ -364,6 +449,31 @@ def make_nuswide(root, n_train=12, n_test=6, concepts=("animal", "beach", "sky",
             (root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{part}.txt").write_text(
                 "".join(f"{v}\n" for v in labels[:, c]))
     return exp
+
+
+# --------------------------------------------------------------------------------------------
+# damage done to shards after they were written (the integrity tests)
+
+def garble_sample(shards, split="train", shard=0, sample=0) -> tuple[Path, str]:
+    """Overwrite the start of one sample's JPEG in place (same size: tar and index stay valid,
+    only the image is broken). Returns (tar path, key)."""
+    shards = Path(shards)
+    tar, idx = shards / f"{split}-{shard:06d}.tar", shards / f"{split}-{shard:06d}.idx"
+    fields = idx.read_text().splitlines()[1 + sample].split()
+    comps = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+             for i in range(0, len(fields), 4)}
+    offset, _, name = comps["jpg"]
+    with open(tar, "r+b") as f:
+        f.seek(offset)
+        f.write(b"garbage!" * 4)   # the SOI marker and headers: no decoder accepts it
+    return tar, name.split(".")[0]
+
+
+def truncate_shard(tar, keep=0.5) -> None:
+    """Cut a tar to `keep` of its length (an interrupted copy)."""
+    tar = Path(tar)
+    data = tar.read_bytes()
+    tar.write_bytes(data[: int(len(data) * keep)])
 
 
 # --------------------------------------------------------------------------------------------

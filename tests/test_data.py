@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mlic_dist.config import DataConfig
-from mlic_dist.data import build_loader, read_manifest
+from mlic_dist.data import ShardDataError, build_loader, read_manifest
 from mlic_dist.data.common import MEAN_STD, labels_to_targets
 from mlic_dist.data.labels import read_split_labels
 from mlic_dist.data.mixup import mixup_pairs, or_mixup
-from shard_fixtures import build_small_shards
+from shard_fixtures import build_small_shards, garble_sample, truncate_shard
 
 LOADERS = ["dali", "torch"]
 SIZE = 32
@@ -269,3 +269,64 @@ def test_buffer_pool_never_hands_out_a_held_buffer():
     assert b.data_ptr() != view.data_ptr()
     del view, b
     assert pool.empty(shape, torch.float32).data_ptr() == pool.buffers[0].data_ptr()
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_corrupt_jpeg_is_named_by_shard_and_key(shards, tmp_path, loader):
+    """Bytes of one image replaced after sharding (sizes unchanged, so read_manifest passes):
+    training stops with one line naming the tar, the key and the verify command."""
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    tar, key = garble_sample(bad, "train", shard=3, sample=2)
+    ld = build_loader(cfg(bad, loader, augment="M2"), "train", train=True, rank=0, world_size=1,
+                      device="cpu", seed=0)
+    with pytest.raises(ShardDataError) as e:
+        list(ld)
+    msg = str(e.value)
+    assert f"{tar}: sample {key!r}" in msg and "cannot be decoded" in msg, msg
+    assert f"python -m mlic_dist.shard verify {bad} --decode" in msg and "\n" not in msg
+    # the rank whose id range holds no bad sample is untouched (ids 0..19 of 40; the bad one is 23)
+    _, batches = run_epoch(cfg(bad, loader), "train", True, rank=0, world=2, epoch=0)
+    assert len(batches) == 5
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_truncated_shard_is_named(shards, tmp_path, loader):
+    """A tar cut short: named with its size before training (read_manifest) and, if it is cut
+    after the loader was built, by the loader itself."""
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    ld = build_loader(cfg(short, loader), "train", train=False, rank=0, world_size=1, device="cpu", seed=0)
+    truncate_shard(short / "train-000002.tar", 0.5)
+    with pytest.raises(ShardDataError, match=r"train-000002\.tar .*truncated") as e:
+        list(ld)                                             # cut while training
+    assert "\n" not in str(e.value)
+    with pytest.raises(ShardDataError, match=r"train-000002\.tar is \d+ bytes on disk but the manifest "
+                                             r"recorded \d+ bytes: the file is truncated"):
+        build_loader(cfg(short, loader), "train", train=True, rank=0, world_size=1, device="cpu", seed=0)
+
+
+def test_truncated_shard_named_by_read_manifest_and_labels(shards, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    truncate_shard(short / "val-000001.tar", 0.7)
+    with pytest.raises(ShardDataError, match=r"val-000001\.tar is \d+ bytes .* truncated"):
+        read_manifest(short)
+    with pytest.raises(ShardDataError, match=r"val-000001\.tar .* truncated"):
+        read_split_labels(short, "val")
+    # a manifest written before shards recorded "bytes": the index's extent is the yardstick
+    doc = json.loads((short / "manifest.json").read_text())
+    for info in doc["splits"].values():
+        for s in info["shards"]:
+            del s["bytes"]
+    (short / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ShardDataError, match=r"val-000001\.tar is \d+ bytes on disk but its index "
+                                             r"val-000001\.idx places data up to byte \d+"):
+        read_manifest(short)
+    (short / "val-000001.tar").write_bytes((shards / "val-000001.tar").read_bytes())
+    assert read_manifest(short).split("val").num_samples == 12   # whole again: accepted
+    (short / "val-000001.idx").write_text("v1.2 3\n")
+    with pytest.raises(ShardDataError, match=r"val-000001\.idx declares 'v1.2 3' .* 5 samples"):
+        read_manifest(short)

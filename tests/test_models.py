@@ -80,3 +80,16 @@ def test_state_dict_path_ours_and_torchvision(tmp_path):
         create_model("resnet34", 4, pretrained=str(tmp_path / "tv.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         create_model("resnet18", 4, pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_vgg16_trains_every_fully_connected_layer_at_the_head_lr():
+    """The paper: "0.1 for the fully connected layer(s)"; the seed repo's head group is VGG's whole
+    classifier (fc6, fc7 and the new fc8), not fc8 alone."""
+    model = create_model("vgg16", num_classes=5)
+    backbone, head = model.param_groups()
+    fc = {id(p) for p in model.body.classifier.parameters()} | {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in head} == fc and len(head) == 6  # fc6, fc7, fc8: weight + bias each
+    convs = {id(p) for p in model.body.features.parameters()}
+    assert {id(p) for p in backbone} == convs
+    resnet_backbone, resnet_head = create_model("resnet18", num_classes=5).param_groups()
+    assert len(resnet_head) == 2  # ResNet has one fully connected layer: the new head

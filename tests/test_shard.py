@@ -16,9 +16,9 @@ from PIL import Image
 from mlic_dist.shard import ShardError, SourceError, shard
 from mlic_dist.shard import writer as writer_mod
 from mlic_dist.shard.__main__ import main as cli_main
-from mlic_dist.shard.sources import sanitize_key
-from shard_fixtures import (BAD_IMAGES, build_small_shards, make_coco, make_csv, make_nuswide,
-                            make_voc)
+from mlic_dist.shard.records import sanitize_key
+from shard_fixtures import (BAD_IMAGES, VOC_CLASSES, build_small_shards, garble_sample, make_coco,
+                            make_coco_export, make_csv, make_nuswide, make_voc, truncate_shard)
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, verbose=False)
@@ -137,10 +137,16 @@ def test_csv_via_cli_with_every_bad_input(tmp_path):
     assert all(s["num_samples"] <= 4 for s in m["splits"]["train"]["shards"])
 
 
+def write_classes(path: Path, classes) -> Path:
+    path.write_text("# one class a line\n" + "".join(c + "\n" for c in classes))
+    return path
+
+
 def test_voc_keeps_difficult_as_ignore(tmp_path):
     exp = make_voc(tmp_path / "voc", bad=True)
     m = shard("voc", tmp_path / "voc", tmp_path / "out", samples_per_shard=5,
-              max_reject_fraction=0.5, **QUIET)
+              classes_file=write_classes(tmp_path / "voc.txt", VOC_CLASSES),
+              max_reject_fraction=0.5, **QUIET)   # with --classes, "unicorn" is an unknown class
     verify_shards(tmp_path / "out", exp)
     assert set(m["splits"]) == {"train", "val", "test"} and m["val_carved"] is None
     only_difficult = [k for k, v in exp.labels.items() if v[11] == -1 and (v != -1).sum() == 19]
@@ -149,8 +155,10 @@ def test_voc_keeps_difficult_as_ignore(tmp_path):
 
 def test_voc_trainval_only_carves_stratified_val(tmp_path):
     exp = make_voc(tmp_path / "voc", n_train=30, n_val=10, n_test=4, trainval_only=True)
+    exp = exp.reindex(sorted(exp.names))   # no --classes: the union of the object names
     m = shard("voc", tmp_path / "voc", tmp_path / "out", val_fraction=0.25, seed=3, **QUIET)
     verify_shards(tmp_path / "out", exp)
+    assert m["classes_from"] == "data" and len(m["classes"]) < 20
     carved = m["val_carved"]
     assert carved["fraction"] == 0.25 and carved["seed"] == 3
     assert carved["val_samples"] == m["splits"]["val"]["num_samples"] == round(41 * 0.25)
@@ -235,7 +243,7 @@ def test_malformed_xml_json_csv_name_file_and_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # through the CLI: non-zero exit, clear message
         cli_main(["coco", str(tmp_path / "coco"), "--split",
                   "train=annotations/instances_train2014.json", "--out", str(tmp_path / "o2")])
-    assert e.value.code == 1
+    assert e.value.code == 2   # a user error
     assert "instances_train2014.json:" in capsys.readouterr().err
     csv_path, _ = make_csv(tmp_path / "csv", {"train": 3})
     with open(csv_path, "a") as f:
@@ -381,3 +389,181 @@ def test_carve_val_is_exact_disjoint_and_stratified():
 
 def test_bad_image_kinds_are_all_covered():
     assert set(BAD_IMAGES) == {"zero", "truncated", "notimage", "png", "gray", "cmyk", "palette"}
+
+
+# --------------------------------------------------------------------------------------------
+# layouts users have: labeling-tool VOC exports, COCO exports with other names
+
+def test_voc_class_union_is_the_voc2007_order(tmp_path):
+    from mlic_dist.shard.sources import read_source
+
+    exp = make_voc(tmp_path / "voc", n_train=24, n_val=0, n_test=0, image_size=(8, 6),
+                   classes_used=20, cover_all=True)
+    assert exp.names == set(VOC_CLASSES)   # every class occurs, so the union is all 20
+    ds = read_source("voc", tmp_path / "voc")
+    assert ds.classes == list(VOC_CLASSES) and ds.classes_from == "data"  # the official order
+
+
+@pytest.mark.parametrize("layout", ["default", "flat"])
+def test_voc_export_with_its_own_classes(tmp_path, layout):
+    names = ("vest", "helmet", "person", "boot")   # a labeling tool's names, not VOC's
+    exp = make_voc(tmp_path / "voc", n_train=10, n_val=4, n_test=2, image_size=(24, 16),
+                   classes=names, classes_used=4, layout=layout, png_every=4)
+    assert exp.converted   # some images are ID.png, named by the XML's <filename>
+    union = exp.reindex(sorted(exp.names))
+    m = shard("voc", tmp_path / "voc", tmp_path / "out", **QUIET)
+    verify_shards(tmp_path / "out", union)   # labels checked sample by sample, also through DALI
+    assert m["classes"] == ["boot", "helmet", "person", "vest"] and m["classes_from"] == "data"
+    assert m["val_carved"] and any(layout_word in " ".join(m["source_notes"])
+                                   for layout_word in ("default.txt", "Annotations/*.xml"))
+    # --classes: its order, and names outside it stay "unknown class" rejects
+    with_boot = sorted(k for k, v in exp.labels.items() if v[names.index("boot")] != 0)
+    assert with_boot
+    m2 = shard("voc", tmp_path / "voc", tmp_path / "out2", max_reject_fraction=0.9,
+               classes_file=write_classes(tmp_path / "c.txt", ["person", "helmet", "vest"]), **QUIET)
+    assert m2["classes"] == ["person", "helmet", "vest"] and m2["classes_from"] == "file"
+    rejects = [json.loads(x) for x in (tmp_path / "out2/rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in rejects if r["reason"] == "unknown class") == with_boot
+    kept = {s["__key__"]: np.frombuffer(s["lbl"], np.int8) for split in m2["splits"]
+            for s in read_webdataset(tmp_path / "out2", split)}
+    assert set(kept) == set(exp.labels) - set(with_boot)
+    for k, lbl in kept.items():
+        np.testing.assert_array_equal(lbl, exp.reindex(["person", "helmet", "vest"]).labels[k])
+
+
+@pytest.mark.parametrize("layout", ["roboflow", "flat"])
+def test_coco_export_with_other_names_finds_its_images(tmp_path, layout):
+    exp, splits = make_coco_export(tmp_path / "src", layout)
+    m = shard("coco", tmp_path / "src", tmp_path / "out", splits=splits, **QUIET)
+    verify_shards(tmp_path / "out", exp)
+    assert m["classes"] == ["bolt", "gear", "nut"]   # Roboflow's placeholder "parts" is no class
+    assert any("'parts'" in n for n in m["source_notes"]) == (layout == "roboflow")
+
+
+def test_coco_images_not_found_names_the_places_tried(tmp_path):
+    _, splits = make_coco_export(tmp_path / "src", "roboflow")
+    (tmp_path / "src/train").rename(tmp_path / "elsewhere")
+    (tmp_path / "src/train").mkdir()
+    (tmp_path / "elsewhere/_annotations.coco.json").rename(tmp_path / "src/train/_annotations.coco.json")
+    with pytest.raises(SourceError) as e:
+        shard("coco", tmp_path / "src", tmp_path / "out", splits=splits, **QUIET)
+    msg = str(e.value)
+    assert "cannot find its images" in msg and "--images-dir train=DIR" in msg
+    assert str(tmp_path / "src/train") in msg and str(tmp_path / "src") + "'" in msg
+    m = shard("coco", tmp_path / "src", tmp_path / "out", splits=splits,   # the override still works
+              images_dir={"train": str(tmp_path / "elsewhere")}, **QUIET)
+    assert m["splits"]["train"]["num_samples"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# class-name typos
+
+def test_typo_rule_flags_rare_and_lookalike_classes_only():
+    from mlic_dist.shard.classes import typo_warnings
+
+    w = typo_warnings({"cat": 300, "dog": 250, "cta": 1})
+    assert [(x["class"], x["count"], x["similar_to"], x["similar_count"]) for x in w] == [
+        ("cta", 1, "cat", 300)]
+    assert "typo of 'cat'" in w[0]["message"] and "--classes FILE" in w[0]["message"]
+    rare = typo_warnings({"a": 300, "b": 200, "c": 150, "zebra": 2})   # rare, no look-alike
+    assert [(w["class"], w["similar_to"]) for w in rare] == [("zebra", None)]
+    assert [w["class"] for w in typo_warnings({"Person": 1, "person": 60, "car": 3})] == ["Person"]
+    # a normal long tail: the rarest class has 3 (> 2); a rare class next to a modest median
+    assert typo_warnings({"cat": 300, "dog": 250, "bird": 3}) == []
+    assert typo_warnings({"cat": 30, "dog": 25, "bird": 1}) == []
+
+
+def test_csv_label_typo_is_warned_about(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = ["image,labels"]
+    for i in range(60):
+        Image.new("RGB", (8, 6), (i * 4, 0, 0)).save(src / f"p{i}.jpg")
+        rows.append(f"p{i}.jpg,cat" + ("|dog" if i % 2 else ""))
+    rows[-1] = "p59.jpg,cta"   # one typo
+    (src / "labels.csv").write_text("\n".join(rows) + "\n")
+    cmd = [sys.executable, "-m", "mlic_dist.shard", "csv", str(src / "labels.csv"), "--out",
+           str(tmp_path / "out"), "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "'cta'" in warning[0] and "'cat'" in warning[0]
+    assert "--classes FILE" in warning[0]
+    assert "cat 59, cta 1, dog 29" in r.stdout   # the summary lists the positives per class
+    m = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert [(w["class"], w["similar_to"]) for w in m["class_warnings"]] == [("cta", "cat")]
+    # a normal dataset with names from its labels: no warning
+    csv_path, _ = make_csv(tmp_path / "ok", {"train": 20, "val": 5}, label_format="labels")
+    m = shard("csv", csv_path, tmp_path / "ok_out", progress=False)
+    assert m["classes_from"] == "data" and m["class_warnings"] == []
+    out = capsys.readouterr()
+    assert "warning" not in out.err and "classes (positives, all splits)" in out.out
+
+
+# --------------------------------------------------------------------------------------------
+# user errors: one line, exit status 2, no traceback
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    csv_path, _ = make_csv(tmp_path / "src", {"train": 4})
+    cmd = [sys.executable, "-m", "mlic_dist.shard", "csv", str(csv_path), "--out", str(tmp_path / "o"),
+           "--classes", str(tmp_path / "no-such-classes.txt")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "no-such-classes.txt" in r.stderr
+    cases = [(["csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")], "missing.csv"),
+             (["coco", str(tmp_path), "--split", "train=a.json", "--classes", str(csv_path),
+               "--out", str(tmp_path / "o")], "--classes applies to csv and voc"),
+             (["csv", str(csv_path), "--out", str(tmp_path / "o"), "--quality", "0"], "--quality=0")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and words in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# python -m mlic_dist.shard verify
+
+def run_verify(capsys, *argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["verify", *map(str, argv)])
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def test_verify_clean_corrupt_and_truncated(tmp_path, capsys):
+    import shutil
+
+    clean = build_small_shards(tmp_path / "base")
+    r = subprocess.run([sys.executable, "-m", "mlic_dist.shard", "verify", str(clean), "--decode"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr
+    assert "64 sample(s) read, every image test-decoded" in r.stdout
+
+    bad = tmp_path / "bad"
+    shutil.copytree(clean, bad)
+    tar, key = garble_sample(bad, "train", shard=2, sample=3)
+    other, key2 = garble_sample(bad, "val", shard=1, sample=0)
+    code, out = run_verify(capsys, bad)   # without --decode: the hash, but no key
+    assert code == 1 and f"{tar.name}: has a sha256 other" in out and key not in out
+    code, out = run_verify(capsys, bad, "--decode")
+    assert code == 1
+    assert f"{tar.name}: sample {key!r} cannot be decoded as a JPEG" in out
+    assert f"{other.name}: sample {key2!r} cannot be decoded as a JPEG" in out
+    assert "4 problem(s) in 2 file(s)" in out   # each garbled tar: its hash and its sample
+    code, out = run_verify(capsys, bad, "--decode", "--split", "val", "--workers", "2")
+    assert code == 1 and key2 in out and key not in out
+
+    short = tmp_path / "short"
+    shutil.copytree(clean, short)
+    truncate_shard(short / "train-000004.tar", 0.6)
+    code, out = run_verify(capsys, short)
+    assert code == 1 and "train-000004.tar: is " in out and "truncated" in out
+    assert "train-000004.tar: holds" in out
+
+    assert run_verify(capsys, tmp_path / "nope")[0] == 2
+    assert run_verify(capsys, tmp_path / "base")[0] == 2        # no manifest.json: not shards
+    code, out = run_verify(capsys, clean, "--split", "dev")
+    assert code == 2 and "'dev'" in out and "Traceback" not in out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mlic_dist.config import load_config
+from mlic_dist.errors import UserError
 from shard_fixtures import build_small_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def test_early_stopping_plateau_and_best_checkpoint_follow_validation(shards, tm
 
     losses = iter([1.0, 0.8, 0.9, 0.85, 0.95, 0.99])
     real = T.evaluate
-    monkeypatch.setattr(T, "evaluate", lambda run, loader, labels: {**real(run, loader, labels), "loss": next(losses)})
+    monkeypatch.setattr(T, "evaluate", lambda run, loader, labels, **kw: {**real(run, loader, labels), "loss": next(losses)})
     cfg = load_config(ROOT / "configs/recipes/advanced_cnn.yaml", overrides(shards, tmp_path / "run", **{
         "model.backbone": "tiny_cnn", "data.size": 32, "train.epochs": 10, "train.early_stopping": 4,
         "tracking.enabled": False}))
@@ -241,7 +242,7 @@ def test_resume_never_refuses_a_used_output_dir(shards, tmp_path):
 
     out = tmp_path / "run"
     train(load_config(None, overrides(shards, out, **{"train.epochs": 1, "tracking.enabled": False})))
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         train(load_config(None, overrides(shards, out, **{"train.resume": "never", "tracking.enabled": False})))
 
 
@@ -262,3 +263,77 @@ def test_unwrap_strips_ddp_and_compile_in_either_order(free_port):
             assert list(unwrap(Acc, wrapped).state_dict()) == ["0.weight", "0.bias"]
     finally:
         dist.destroy_process_group()
+
+
+def _cli(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def test_divergence_is_named_at_the_step_not_discovered_in_validation(shards, tmp_path):
+    """lr=1e30: the weights explode after the first step. Before: the epoch trained on NaN and the
+    run died in validation with "scores has non-finite values"."""
+    out = tmp_path / "run"
+    p = _cli([sys.executable, "-m", "mlic_dist.train", *overrides(shards, out, **{
+        "optim.lr": 1e30, "optim.head_lr": 1e30, "train.epochs": 3, "train.max_nonfinite_steps": 3,
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})], tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "non-finite values" not in p.stderr
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")][-1]
+    assert "training diverged at epoch 0, step " in line and "non-finite for 3 optimizer steps in a row" in line
+    assert "no good checkpoint" in line and "optim.lr" in line
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["mlic.failure"]
+
+
+def test_divergence_after_a_good_epoch_names_that_checkpoint(shards, tmp_path, monkeypatch):
+    import mlic_dist.train as T
+
+    real = T.train_one_epoch
+
+    def poisoned(run, epoch):  # epoch 1 computes NaN gradients at every step
+        if epoch == 1:
+            for p_ in run.model.parameters():
+                p_.register_hook(lambda g: g * float("nan"))
+        return real(run, epoch)
+
+    monkeypatch.setattr(T, "train_one_epoch", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(T.DivergenceError) as e:
+        T.train(load_config(None, overrides(shards, out, **{"train.epochs": 3, "tracking.enabled": False,
+                                                            "train.max_nonfinite_steps": 4})))
+    assert "epoch 1, step 4" in str(e.value) and f"{out / 'checkpoints' / 'e0001-s0000000'}" in str(e.value)
+    # the skipped steps never reached the weights: the checkpoint's weights are finite and the
+    # last checkpoint is still the good one
+    state = torch.load(out / "checkpoints" / "e0001-s0000000" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("case", ["missing shards", "unwritable output", "unknown backbone", "bad value"])
+def test_user_errors_are_one_line_with_status_2(shards, tmp_path, case):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    extra, needle = {
+        "missing shards": ({"data.shards": tmp_path / "nowhere"}, "nowhere"),
+        "unwritable output": ({"train.output_dir": blocker / "run"}, "cannot be created"),
+        "unknown backbone": ({"model.backbone": "resnet1001"}, "resnet1001"),
+        "bad value": ({"data.augment": "M9"}, "data.augment='M9'"),
+    }[case]
+    p = _cli([sys.executable, "-m", "mlic_dist.train", *overrides(shards, tmp_path / "run", **extra)], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+
+
+@pytest.mark.dist
+def test_a_user_error_ends_every_rank_cleanly(shards, tmp_path, free_port):
+    """No rank waits at a barrier for one that failed: both print the error and exit 2."""
+    p = _cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port), "-m", "mlic_dist.train",
+              *overrides(shards, tmp_path / "run", **{"model.backbone": "resnet1001"})], tmp_path, timeout=120)
+    assert p.returncode != 0
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:") and "resnet1001" in ln]
+    assert len(errors) == 2, p.stderr[-3000:]

@@ -13,16 +13,20 @@ common.py. Benchmark: `python bench/loader.py --loader dali|torch|baseline`.
 from __future__ import annotations
 
 from .common import Batch, labels_to_targets
+from .integrity import ShardDataError
 from .manifest import Manifest, SplitInfo, read_manifest
 
-__all__ = ["Batch", "Manifest", "SplitInfo", "build_loader", "labels_to_targets", "read_manifest"]
+__all__ = ["Batch", "Manifest", "ShardDataError", "SplitInfo", "build_loader", "labels_to_targets",
+           "read_manifest"]
 
 
 def build_loader(data_cfg, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
                  device="cpu", seed: int = 0):
     """A loader for `split` on this rank: len() (equal on every rank), num_samples, set_epoch(),
     iteration yields `Batch`. Raises ValueError before training when the split cannot be
-    divided (fewer samples than ranks, no full training batch per rank)."""
+    divided (fewer samples than ranks, no full training batch per rank), ShardDataError (one
+    line: file, sample key, fix) when a shard is truncated here or while iterating, or holds a
+    sample that cannot be decoded."""
     manifest = read_manifest(data_cfg.shards)
     if data_cfg.loader == "dali":
         from .dali import DaliLoader as cls

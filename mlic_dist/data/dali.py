@@ -13,12 +13,19 @@ rank's real samples (DALI repeats the last one) get id -1. Train drops the parti
 (see common.RankPlan). The pipeline is rebuilt at every `iter()` with slot = (rank + epoch) % W
 and seed = f(seed, epoch, rank): an epoch replays identically (kill-and-resume), rebuilding
 costs well under a second (index files, no scan).
+
+Bad data: a DALI error names no sample ("nvImageCodec failure: '#4'", or a truncated tar's
+"Malformed index file"). When the pipeline fails, `__iter__` scans this rank's id range on the
+CPU (`integrity.find_bad_samples`: sizes, index vs tar, parts, a strict decode) and raises a
+`ShardDataError` naming the tar and the sample key(s); if the scan finds nothing wrong the data
+is not the cause and DALI's own error goes up unchanged.
 """
 from __future__ import annotations
 
 import torch
 
 from .common import BufferPool, LoaderBase, default_workers, mix_seed
+from .integrity import ShardDataError, find_bad_samples, verify_hint
 from .transforms import squash_resize
 
 
@@ -111,8 +118,10 @@ class DaliLoader(LoaderBase):
         mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
         flip = self.train and self.cfg.augment != "M0"
         crop = self.train and self.cfg.augment in ("M2", "M3")
-        pipe, it = self._build(slot)
+        pipe = it = None
+        b = 0
         try:
+            pipe, it = self._build(slot)   # builds and prefetches: may already read bad data
             for b in range(len(self)):
                 out = next(it)[0]
                 ids = out["ids"].reshape(-1).to(torch.int64).cpu().clone()
@@ -124,5 +133,29 @@ class DaliLoader(LoaderBase):
                     images = resize_batch(images, out["shapes"], self.cfg.size, flips, antialias=not crop,
                                           pool=self.pool, buffers=self._u8_buffers)
                 yield self._finish(images, out["labels"], ids, mix_gen)
+        except RuntimeError as err:
+            it = pipe = None   # DALI's threads stop once nothing holds the pipeline
+            # the reader goes through [lo, hi) in order, about a shuffle buffer and a few batches
+            # ahead of the batch that failed: look there first, then in the rest of the range
+            ahead = lo + (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
+            found = None if isinstance(err, ShardDataError) else self._bad_data_error(lo, hi, ahead)
+            if found is None:
+                raise
+            raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
         finally:
-            del it, pipe
+            it = pipe = None
+
+    def _bad_data_error(self, lo: int, hi: int, ahead: int):
+        """A ShardDataError naming the bad sample(s) with ids in [lo, hi), or None when a CPU scan
+        of them finds nothing wrong (then the data is not what failed). Ids [lo, ahead) first."""
+        problems = find_bad_samples(self.info.shards, lo, min(hi, ahead))
+        if not problems and ahead < hi:
+            problems = find_bad_samples(self.info.shards, ahead, hi)
+        if not problems:
+            return None
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        root = self.info.shards[0].path.parent
+        return ShardDataError(
+            f"DALI failed reading split {self.split!r}; a CPU check of this rank's samples (ids "
+            f"{lo}..{hi - 1}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
+            "from a good copy or re-run `python -m mlic_dist.shard` for the dataset")

@@ -1,5 +1,9 @@
 """Read `DIR/manifest.json` (written by `mlic_dist.shard`): classes, splits, shard paths, counts.
 
+Every loader starts here, so this is where a damaged shard directory is caught before training:
+missing files, and (cheaply: a stat and the small .idx per shard, no hashing) tars whose size on
+disk is not what the manifest recorded (`integrity.check_shard_size`).
+
     from mlic_dist.data import read_manifest
     m = read_manifest("shards/voc2007")
     m.classes, m.split("train").num_samples, m.split("train").tar_paths
@@ -9,6 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from .integrity import check_shard_size
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,7 @@ class ShardInfo:
     index_path: Path  # its DALI wds2idx index
     num_samples: int
     first_id: int     # ids in this shard are first_id .. first_id + num_samples - 1 (written order)
+    bytes: Optional[int] = None   # the tar's size when written (None: a manifest from before "bytes")
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,9 @@ class Manifest:
 
 
 def read_manifest(shards_dir) -> Manifest:
-    """Parse and check `shards_dir/manifest.json`; every tar and index file must exist."""
+    """Parse and check `shards_dir/manifest.json`; every tar and index file must exist, and every
+    tar have the recorded size. Raises FileNotFoundError (missing), ValueError (not a manifest) or
+    ShardDataError (a truncated or changed tar, a stale index)."""
     if shards_dir is None:
         raise ValueError("data.shards is not set; point it at a directory written by "
                          "`python -m mlic_dist.shard` (it holds manifest.json)")
@@ -67,7 +77,7 @@ def read_manifest(shards_dir) -> Manifest:
         doc = json.loads(path.read_text())
         classes = tuple(doc["classes"])
         raw_splits = doc["splits"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid shard manifest ({e!r}); re-run mlic_dist.shard") from None
     splits = {}
     for name, info in raw_splits.items():
@@ -79,7 +89,10 @@ def read_manifest(shards_dir) -> Manifest:
                     raise FileNotFoundError(f"{what} file {f} of split {name!r} (listed in {path}) is missing; "
                                             f"re-run mlic_dist.shard")
             n = int(s["num_samples"])
-            shards.append(ShardInfo(tar, idx, n, first))
+            size = s.get("bytes")
+            shard = ShardInfo(tar, idx, n, first, None if size is None else int(size))
+            check_shard_size(shard)
+            shards.append(shard)
             first += n
         if first != int(info["num_samples"]):
             raise ValueError(f"{path}: split {name!r} says num_samples={info['num_samples']} but its shards "

@@ -10,6 +10,11 @@ worker opens only the shards overlapping its range (ids are in shard order, so i
 head of its first shard without decoding and stops at the end of its range); more shards than
 readers costs nothing extra.
 
+Bad data: a sample that cannot be read or decoded becomes a `ShardDataError` naming the tar and
+the sample key (and a truncated tar says so, with its size). A worker does not raise it -- the
+DataLoader would re-raise it wrapped in the worker's traceback text -- it yields the exception as
+its last item, and the main process stops the workers and raises it as one line.
+
 Determinism: the worker's shuffle buffer and torch RNG (transforms v2) are seeded from
 (seed, epoch, rank, worker); the DataLoader takes batches from workers round-robin, so for a
 fixed data.num_workers an epoch replays identically.
@@ -17,11 +22,14 @@ fixed data.num_workers an epoch replays identically.
 from __future__ import annotations
 
 import random
+import tarfile
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .common import LoaderBase, default_workers, mix_seed
+from .integrity import (REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error,
+                        size_problem)
 from .transforms import EvalTransform
 
 
@@ -59,27 +67,44 @@ class _RankStream(IterableDataset):
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def _raw(self, id_lo: int, id_hi: int):
-        """(jpeg bytes, label bytes, id) for ids in [id_lo, id_hi), in id order."""
+        """(jpeg bytes, label bytes, id, key, tar) for ids in [id_lo, id_hi), in id order."""
         import webdataset as wds
 
-        urls = [str(s.path) for s in self.shards
-                if s.first_id < id_hi and s.first_id + s.num_samples > id_lo]
-        if not urls:
-            return
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
-                            empty_check=False)
         last = -1
-        for sample in ds:
-            sid = int.from_bytes(sample["id"], "little", signed=True)
-            if sid <= last:
-                raise ValueError(f"{sample.get('__url__')}: id {sid} after {last}; shards must hold "
-                                 f"ids in written order (contracts.md); re-run mlic_dist.shard")
-            last = sid
-            if sid < id_lo:
+        for shard in self.shards:
+            if shard.first_id >= id_hi or shard.first_id + shard.num_samples <= id_lo:
                 continue
-            if sid >= id_hi:
-                break
-            yield sample["jpg"], sample["lbl"], sid
+            url = str(shard.path)
+            ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=_identity,
+                                workersplitter=_identity, empty_check=False)
+            try:
+                for sample in ds:
+                    key = sample.get("__key__")
+                    missing = [e for e in REQUIRED_EXTS if e not in sample]
+                    if missing:   # a cut-off last sample: say the file is short, if it is
+                        problem = size_problem(shard)
+                        if problem:
+                            raise shard_size_error(shard, problem)
+                        raise sample_error(url, key, None, "lacks " + ", ".join(f".{e}" for e in missing))
+                    sid = int.from_bytes(sample["id"], "little", signed=True)
+                    if sid <= last:
+                        raise ShardDataError(f"{url}: sample {key!r} has id {sid} after {last}; shards must "
+                                             f"hold ids in written order (contracts.md); re-run mlic_dist.shard")
+                    last = sid
+                    if sid < id_lo:
+                        continue
+                    if sid >= id_hi:
+                        return
+                    yield sample["jpg"], sample["lbl"], sid, key, url
+            except (tarfile.TarError, OSError, EOFError) as e:   # webdataset re-raises tarfile's errors
+                raise shard_size_error(shard, size_problem(shard) or f"cannot be read ({e})") from None
+        if last + 1 < id_hi:   # the stream ended early: a tar cut at a sample boundary
+            for shard in self.shards:
+                problem = shard.first_id < id_hi and size_problem(shard)
+                if problem:
+                    raise shard_size_error(shard, problem)
+            raise ShardDataError(f"ids {max(last + 1, id_lo)}..{id_hi - 1} are in none of the shards listed "
+                                 f"in manifest.json; re-run mlic_dist.shard")
 
     def _shuffled(self, items, rng: random.Random):
         buf = []
@@ -92,13 +117,22 @@ class _RankStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, jpeg: bytes) -> torch.Tensor:
+    def _decode(self, jpeg: bytes, sid: int, key: str, url: str) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try:
+            img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as e:   # libjpeg's message names no sample
+            raise sample_error(url, key, sid, f"cannot be decoded as a JPEG ({decoder_reason(e)})") from None
         return self.transform(img).permute(1, 2, 0)      # (S, S, 3) view
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except ShardDataError as e:
+            yield e      # raised by TorchLoader in the main process, as one line
+
+    def _batches(self):
         info = get_worker_info()
         k, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         nb, bsz = self.plan.num_batches, self.plan.batch_size
@@ -113,20 +147,20 @@ class _RankStream(IterableDataset):
         for pos in range(p0, p1):
             if pos < real:
                 try:
-                    jpeg, lbl, sid = next(items)
+                    jpeg, lbl, sid, key, url = next(items)
                 except StopIteration:
-                    raise ValueError(f"ids {self.lo + p0}..{self.lo + min(p1, real) - 1} are not all in the "
-                                     f"shards listed in manifest.json; re-run mlic_dist.shard") from None
+                    raise ShardDataError(f"ids {self.lo + p0}..{self.lo + min(p1, real) - 1} are not all in "
+                                         f"the shards listed in manifest.json; re-run mlic_dist.shard") from None
                 if self.train and len(seen) < 8:
-                    seen.append((jpeg, lbl, sid))
-                img = self._decode(jpeg)
+                    seen.append((jpeg, lbl, sid, key, url))
+                img = self._decode(jpeg, sid, key, url)
             elif self.train:   # this rank has M-1 samples: repeat one (fresh augmentation)
-                jpeg, lbl, sid = seen[(pos - real) % len(seen)] if seen else self._one(self.lo)
-                img = self._decode(jpeg)
+                jpeg, lbl, sid, key, url = seen[(pos - real) % len(seen)] if seen else self._one(self.lo)
+                img = self._decode(jpeg, sid, key, url)
             else:              # eval padding: a copy of the rank's last row, id -1
                 if last_row is None:
-                    jpeg, lbl, _ = self._one(self.lo + real - 1)
-                    last_row = (self._decode(jpeg), lbl)
+                    jpeg, lbl, psid, key, url = self._one(self.lo + real - 1)
+                    last_row = (self._decode(jpeg, psid, key, url), lbl)
                 img, lbl = last_row
                 sid = -1
             images.append(img); labels.append(lbl); ids.append(sid)
@@ -166,10 +200,16 @@ class TorchLoader(LoaderBase):
                         prefetch_factor=4 if workers else None,
                         generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 6)))
         mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
-        count = 0
-        for images, labels, ids in dl:
+        count, error, batches = 0, None, iter(dl)
+        for item in batches:
+            if isinstance(item, ShardDataError):   # a worker's last item (see the module docstring)
+                error = item
+                break
             count += 1
-            yield self._finish(images, labels, ids, mix_gen)
+            yield self._finish(*item, mix_gen)
+        if error is not None:
+            del batches  # stop the workers now, before the error travels up with this frame
+            raise error
         if count != len(self):
             raise RuntimeError(f"torch loader yielded {count} batches for split {self.split!r}, expected "
                                f"{len(self)}: the shards do not match manifest.json; re-run mlic_dist.shard")

@@ -6,6 +6,7 @@ CPU only (no GPU involved); 2 processes shown, any N gives byte-identical tars:
         --split test=annotations/instances_val2014.json --out shards/coco2014
     python -m mlic_dist.shard nuswide NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
     python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine
+    python -m mlic_dist.shard verify  shards/mine --decode    # every file and image checked
 Python: `shard("csv", "labels.csv", "out/", images="photos/", workers=2)` returns the manifest.
 
 Output: docs/contracts.md "Shards". Datasets without a val split get one carved from train
@@ -13,12 +14,15 @@ Output: docs/contracts.md "Shards". Datasets without a val split get one carved 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .sources import SourceDataset, SourceError, read_source
+from .classes import read_classes_file
+from .records import SourceDataset, SourceError
+from .sources import read_source
 from .split import carve_val, distribution_report
 from .writer import ShardError, ShardOptions, options_dict, summary, write_shards
 
@@ -63,7 +67,10 @@ def shard(kind: str, root, out, *, splits: Optional[dict] = None,
                          "or choose another --out")
     classes = None
     if classes_file is not None:
-        classes = [c.strip() for c in Path(classes_file).read_text().splitlines() if c.strip()]
+        if kind in ("coco", "nuswide"):
+            raise SourceError(f"--classes applies to csv and voc; {kind} takes its classes from the "
+                              "dataset's own list: drop --classes")
+        classes = read_classes_file(classes_file)
     ds = read_source(kind, Path(root), splits=splits, images_dir=images_dir, images=images,
                      path_column=path_column, classes=classes, keep_empty=keep_empty)
     carved = carve_val_split(ds, val_fraction, seed)
@@ -76,4 +83,6 @@ def shard(kind: str, root, out, *, splits: Optional[dict] = None,
     manifest = write_shards(ds, opts, args, carved)
     if verbose:
         print(summary(manifest, Path(out)), flush=True)
+    for w in manifest["class_warnings"]:   # also when quiet: a typo costs a whole training run
+        print(f"warning: {w['message']}", file=sys.stderr, flush=True)
     return manifest

@@ -1,11 +1,19 @@
-"""CLI: `python -m mlic_dist.shard {voc,coco,nuswide,csv} ROOT --out DIR [options]`.
+"""CLI: `python -m mlic_dist.shard {voc,coco,nuswide,csv} ROOT --out DIR [options]`, and
+`python -m mlic_dist.shard verify DIR [--decode] [--split S] [--workers N]`.
 
 Examples (CPU only; --workers N processes decode/re-encode, the output is identical for any N):
     python -m mlic_dist.shard voc     VOCdevkit/VOC2007 --out shards/voc2007 --workers 8
+    python -m mlic_dist.shard voc     my_cvat_export --classes classes.txt --out shards/mine
     python -m mlic_dist.shard coco    data/coco --split train=annotations/instances_train2014.json \\
         --split test=annotations/instances_val2014.json --out shards/coco2014
+    python -m mlic_dist.shard coco    roboflow_export --split train=train/_annotations.coco.json \\
+        --split val=valid/_annotations.coco.json --out shards/rf
     python -m mlic_dist.shard nuswide data/NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
     python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine --max-side 512
+    python -m mlic_dist.shard verify  shards/voc2007 --decode      # exit 0 clean, 1 bad, 2 usage
+
+User errors (bad input files, bad options, too many rejects) print one `error: ...` line and exit
+with status 2.
 """
 from __future__ import annotations
 
@@ -30,21 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlic_dist.shard", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["voc", "coco", "nuswide", "csv"], help="input format")
+    p.add_argument("kind", choices=["voc", "coco", "nuswide", "csv"],
+                   help="input format (or `verify`: see `python -m mlic_dist.shard verify --help`)")
     p.add_argument("root", help="dataset root (csv: the CSV file)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     src = p.add_argument_group("input")
     src.add_argument("--split", action="append", type=_pairs("--split"), default=[],
                      metavar="SPLIT=ANN.json", help="coco: annotation file per split (repeat)")
     src.add_argument("--images-dir", action="append", type=_pairs("--images-dir"), default=[],
-                     metavar="[SPLIT=]DIR", help="coco/nuswide: image folder override (repeat)")
+                     metavar="[SPLIT=]DIR", help="coco/nuswide: image folder override (repeat; coco "
+                     "default: the folder that holds the first file_names, see sources.py)")
     src.add_argument("--images", help="csv: folder the image paths are relative to "
                      "(default: the CSV's folder)")
     src.add_argument("--path-column", help="csv: image path column (default: first of "
                      "image/path/filename)")
-    src.add_argument("--classes", dest="classes_file", help="csv with a 'labels' column: class "
-                     "names one per line, in order; names not in it are rejected as "
-                     "'unknown class' (default: sorted union of names)")
+    src.add_argument("--classes", dest="classes_file", help="csv with a 'labels' column, and voc: "
+                     "class names one per line, in order; names not in it are rejected as "
+                     "'unknown class' (default: sorted union of the names found)")
     src.add_argument("--keep-empty", action="store_true",
                      help="keep images without any label (default: reject as 'no labels')")
     sp = p.add_argument_group("validation split")
@@ -68,7 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_verify_parser() -> argparse.ArgumentParser:
+    from . import verify
+
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.shard verify", description=verify.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="a directory written by `python -m mlic_dist.shard` (its --out)")
+    p.add_argument("--decode", action="store_true", help="also decode every image")
+    p.add_argument("--split", action="append", default=None, metavar="S",
+                   help="check only this split (repeat; default: all)")
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    return p
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        verify_main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     args = dict(vars(a), split=dict(a.split), images_dir=dict(a.images_dir))  # for the manifest
@@ -80,9 +106,22 @@ def main(argv=None) -> None:
               max_side=a.max_side, quality=a.quality, workers=a.workers,
               max_reject_fraction=a.max_reject_fraction, overwrite=a.overwrite,
               progress=a.progress, args=args)
-    except (SourceError, ShardError, ValueError) as e:
+    except (SourceError, ShardError, ValueError, OSError) as e:   # OSError: an unreadable/unwritable path
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+
+
+def verify_main(argv) -> None:
+    from .verify import VerifyUsageError, verify
+
+    a = build_verify_parser().parse_args(argv)
+    try:
+        report = verify(a.dir, decode=a.decode, splits=a.split, workers=a.workers)
+    except VerifyUsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report.text(), flush=True)
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
 """Dataset readers: one function per on-disk format, all producing the same `SourceDataset`.
 
 Each reader yields `Item`s (a labelled image) or `Reject`s (an annotation that cannot become a
-sample: unknown class, missing annotation); `collect` then applies the rules every format shares
-(dot-free unique keys, duplicate keys, missing image files, empty label sets). Images are not opened
-here: decoding is the writer's job, in worker processes.
+sample: unknown class, missing annotation); `records.collect` then applies the rules every format
+shares (dot-free unique keys, duplicate keys, missing image files, empty label sets). Images are
+not opened here: decoding is the writer's job, in worker processes.
 
 Accepted layouts (ROOT is the positional argument of `python -m mlic_dist.shard KIND ROOT`):
-- voc:     ROOT/Annotations/ID.xml, ROOT/JPEGImages/ID.jpg, ROOT/ImageSets/Main/{train,val,test}.txt
-           (or trainval.txt instead of train+val). A class seen only on "difficult" objects is -1.
-- coco:    one instances_*.json per split (`--split train=ANN.json`); images in ROOT/<name> for
-           instances_<name>.json unless `--images-dir split=DIR`. Classes = categories by id.
+- voc:     ROOT/Annotations/ID.xml, ROOT/JPEGImages/ID.jpg (or the XML's <filename>, or ID.jpeg /
+           ID.png), ROOT/ImageSets/Main/{train,val,test}.txt (or trainval.txt instead of
+           train+val; or default.txt, as CVAT exports a task without subsets; or no lists at all:
+           every Annotations/*.xml is train). Classes = `--classes FILE`, else the sorted union of
+           the object names found (for VOC2007/2012 exactly the official 20-class order), so
+           labeling-tool exports with their own names work. A class seen only on "difficult"
+           objects is -1.
+- coco:    one annotation JSON per split (`--split train=ANN.json`), any name (instances_*.json,
+           Roboflow's _annotations.coco.json, ...). Images: `--images-dir split=DIR`, else the first
+           of ROOT/<name> (for instances_<name>.json), the JSON's own folder, ROOT, .../images
+           holding the first few `file_name`s. Classes = categories by id, less a Roboflow-style
+           placeholder (a category that is only the others' supercategory and is never used).
 - nuswide: ROOT/ImageList/{Train,Test}Imagelist.txt (Windows `\\` separators accepted),
            ROOT/ConceptsList/Concepts81.txt (or ROOT/Concepts81.txt),
            ROOT/Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt (one 0/1 a line,
@@ -26,115 +34,22 @@ the file and line.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from .records import SPLITS, Item, Reject, SourceDataset, SourceError, collect
+
+# VOC2007/2012's classes: also the sorted union of their object names, which read_voc uses
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
-_MAX_KEY_LEN = 80  # USTAR tar names hold 100 chars; leave room for ".json"
-
-
-class SourceError(ValueError):
-    """An input file is malformed or missing; the message names the file, line and the fix."""
-
-
-@dataclass
-class Item:
-    raw_key: str        # identity in the input (duplicates of it are rejected)
-    image: Path         # absolute image path
-    source: str         # image path relative to ROOT (stored in KEY.json)
-    labels: np.ndarray  # (C,) int8: 1 positive, 0 negative, -1 ignore
-    split: str
-
-
-@dataclass
-class Reject:
-    key: str
-    source: str
-    reason: str         # a short fixed category, counted in the manifest
-    split: str = ""
-    detail: str = ""
-
-
-@dataclass
-class Record:
-    key: str            # sanitised, dot-free, unique in the dataset
-    image: Path
-    source: str
-    labels: np.ndarray  # (C,) int8
-    split: str
-
-
-@dataclass
-class SourceDataset:
-    kind: str
-    root: Path
-    classes: list[str]
-    records: list[Record]
-    rejects: list[Reject]
-    num_inputs: int                      # records + rejects: every annotation entry seen
-    splits_present: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# shared rules
-
-def sanitize_key(raw: str) -> str:
-    """Map an identifier to [A-Za-z0-9_-]: webdataset splits a tar name at its first dot."""
-    key = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_") or "sample"
-    if len(key) > _MAX_KEY_LEN:
-        key = key[:_MAX_KEY_LEN - 13] + "-" + hashlib.sha1(raw.encode()).hexdigest()[:12]
-    return key
-
-
-def collect(kind: str, root: Path, classes: list[str], entries: Iterable[Union[Item, Reject]],
-            keep_empty: bool) -> SourceDataset:
-    """Apply the format-independent rules, in input order, so keys are deterministic."""
-    records, rejects = [], []
-    seen_raw: set[str] = set()
-    used: set[str] = set()
-    splits = []
-    for e in entries:
-        if e.split and e.split not in splits:
-            splits.append(e.split)
-        if isinstance(e, Reject):  # reject keys are sanitised too: one naming everywhere
-            rejects.append(Reject(sanitize_key(e.key), e.source, e.reason, e.split, e.detail))
-            continue
-        rkey = sanitize_key(e.raw_key)
-        if e.raw_key in seen_raw:
-            rejects.append(Reject(rkey, e.source, "duplicate key", e.split,
-                                  f"{e.raw_key!r} appears more than once in the input"))
-            continue
-        seen_raw.add(e.raw_key)
-        if not e.image.is_file():
-            rejects.append(Reject(rkey, e.source, "missing image", e.split, str(e.image)))
-            continue
-        if not keep_empty and not np.any(e.labels != 0):
-            rejects.append(Reject(rkey, e.source, "no labels", e.split,
-                                  "no positive or ignore label (use --keep-empty to keep)"))
-            continue
-        key = rkey
-        if key in used:  # two distinct inputs sanitise alike ("a.b" / "a_b"): suffix, stay unique
-            n = 1
-            while f"{key}-{n}" in used:
-                n += 1
-            key = f"{key}-{n}"
-        used.add(key)
-        records.append(Record(key, e.image, e.source, e.labels.astype(np.int8), e.split))
-    splits = [s for s in SPLITS if s in splits]
-    return SourceDataset(kind, root, list(classes), records, rejects,
-                         len(records) + len(rejects), splits)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -161,51 +76,91 @@ def _split_map(spec: Optional[dict], what: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # VOC
 
-def read_voc(root: Path, keep_empty: bool = False, **_) -> SourceDataset:
+def _voc_lists(root: Path) -> tuple[dict, list[str]]:
+    """{split: [image ids]} from ImageSets/Main, and notes on what was assumed."""
     main = root / "ImageSets" / "Main"
-    lists = {s: main / f"{s}.txt" for s in ("train", "val", "test", "trainval")}
+    lists = {s: main / f"{s}.txt" for s in ("train", "val", "test", "trainval", "default")}
+    notes = []
     if lists["train"].is_file() and lists["val"].is_file():
         use = {"train": lists["train"], "val": lists["val"]}
     elif lists["trainval"].is_file():
         use = {"train": lists["trainval"]}  # val is carved from it later (stratified)
     elif lists["train"].is_file():
         use = {"train": lists["train"]}
+    elif lists["default"].is_file():    # CVAT's "Pascal VOC" export of a task without subsets
+        use = {"train": lists["default"]}
+        notes.append(f"{lists['default']} read as the train split")
+    elif sorted((root / "Annotations").glob("*.xml")):
+        ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+        notes.append(f"no image lists in {main}: all {len(ids)} Annotations/*.xml read as the train split")
+        return {"train": ids}, notes
     else:
-        raise SourceError(f"{main}: need train.txt + val.txt or trainval.txt (VOC layout: "
-                          "ROOT/ImageSets/Main, ROOT/Annotations, ROOT/JPEGImages)")
+        raise SourceError(f"{main}: need train.txt + val.txt, trainval.txt or default.txt, or at least "
+                          "ROOT/Annotations/*.xml (VOC layout: ROOT/ImageSets/Main, ROOT/Annotations, "
+                          "ROOT/JPEGImages)")
     if lists["test"].is_file():
         use["test"] = lists["test"]
-    index = {c: i for i, c in enumerate(VOC_CLASSES)}
+    return {split: [ln.split()[0] for ln in _read_lines(lst) if ln] for split, lst in use.items()}, notes
+
+
+def read_voc(root: Path, classes: Optional[list[str]] = None, keep_empty: bool = False,
+             **_) -> SourceDataset:
+    ids, notes = _voc_lists(root)
+    parsed = [(split, img_id, _voc_objects(root, img_id, split))
+              for split, lst in ids.items() for img_id in lst]
+    if classes is None:   # VOC2007/2012: the sorted union is exactly VOC_CLASSES
+        classes = sorted({name for _, _, objs in parsed if not isinstance(objs, Reject)
+                          for name, _ in objs[1] if name})
+        classes_from = "data"
+        if not classes:
+            raise SourceError(f"{root / 'Annotations'}: no <object><name> in any listed annotation; "
+                              "nothing to learn")
+    else:
+        classes_from = "file"
+    index = {c: i for i, c in enumerate(classes)}
 
     def entries():
-        for split, lst in use.items():
-            for ln in _read_lines(lst):
-                if not ln:
-                    continue
-                img_id = ln.split()[0]
-                yield _voc_item(root, img_id, split, index)
+        for split, img_id, objs in parsed:
+            yield objs if isinstance(objs, Reject) else _voc_item(img_id, split, objs, index)
 
-    return collect("voc", root, list(VOC_CLASSES), entries(), keep_empty)
+    return collect("voc", root, list(classes), entries(), keep_empty, classes_from, notes)
 
 
-def _voc_item(root: Path, img_id: str, split: str, index: dict) -> Union[Item, Reject]:
+def _voc_image(root: Path, img_id: str, filename: str) -> Path:
+    """JPEGImages/ID.jpg, else the XML's <filename>, else ID with another image suffix."""
+    folder = root / "JPEGImages"
+    names = [f"{img_id}.jpg"] + ([filename] if filename else []) + \
+            [f"{img_id}{ext}" for ext in (".jpeg", ".JPG", ".JPEG", ".png", ".PNG")]
+    return next((folder / n for n in names if (folder / n).is_file()), folder / names[0])
+
+
+def _voc_objects(root: Path, img_id: str, split: str) -> Union[tuple, Reject]:
+    """(image path, [(name, difficult)], xml path) or a Reject for a missing annotation."""
     xml_path = root / "Annotations" / f"{img_id}.xml"
-    image = root / "JPEGImages" / f"{img_id}.jpg"
-    source = _rel(image, root)
     if not xml_path.is_file():
-        return Reject(img_id, source, "missing annotation", split, str(xml_path))
+        image = root / "JPEGImages" / f"{img_id}.jpg"
+        return Reject(img_id, _rel(image, root), "missing annotation", split, str(xml_path))
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as e:
         line, col = e.position
         raise SourceError(f"{xml_path}:{line}:{col}: malformed XML ({e}); fix or remove the file "
                           f"and its id from ImageSets/Main/{split}.txt") from None
+    objects = [((obj.findtext("name") or "").strip(),
+                (obj.findtext("difficult") or "0").strip() == "1") for obj in tree.getroot().iter("object")]
+    image = _voc_image(root, img_id, (tree.getroot().findtext("filename") or "").strip())
+    return image, objects, xml_path
+
+
+def _voc_item(img_id: str, split: str, parsed: tuple, index: dict) -> Union[Item, Reject]:
+    image, objects, xml_path = parsed
+    root = xml_path.parent.parent
+    source = _rel(image, root)
     labels = np.zeros(len(index), np.int8)
-    for obj in tree.getroot().iter("object"):
-        name = (obj.findtext("name") or "").strip()
+    for name, difficult in objects:
         if name not in index:
-            return Reject(img_id, source, "unknown class", split, f"{xml_path}: object name {name!r}")
-        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+            return Reject(img_id, source, "unknown class", split,
+                          f"{xml_path}: object name {name!r}" + ("" if name else " (empty <name>)"))
         c = index[name]
         if not difficult:
             labels[c] = 1
@@ -234,33 +189,34 @@ def read_coco(root: Path, splits: Optional[dict] = None, images_dir: Optional[di
     if not splits:
         raise SourceError("coco needs at least one --split NAME=ANNOTATIONS.json "
                           "(e.g. --split train=annotations/instances_train2014.json)")
-    loaded, classes, cat_ids = {}, None, None
+    loaded, cats = {}, None
     for split, ann in splits.items():
         ann = Path(ann) if Path(ann).is_absolute() else root / ann
         data = _load_json(ann)
         for k in ("images", "annotations", "categories"):
             if not isinstance(data.get(k), list):
                 raise SourceError(f"{ann}: missing list {k!r}; expected a COCO instances file")
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        ids, names = [c["id"] for c in cats], [c["name"] for c in cats]
-        if classes is None:
-            classes, cat_ids = names, ids
-        elif (names, ids) != (classes, cat_ids):
+        try:
+            these = sorted(((c["id"], c["name"], c.get("supercategory")) for c in data["categories"]),
+                           key=lambda c: c[0])
+        except (KeyError, TypeError):
+            raise SourceError(f"{ann}: a category lacks 'id' or 'name'") from None
+        if cats is None:
+            cats = these
+        elif [c[:2] for c in these] != [c[:2] for c in cats]:
             raise SourceError(f"{ann}: categories differ from the first split's; all splits must "
                               "share one category list")
         loaded[split] = (ann, data)
-    col = {cid: i for i, cid in enumerate(cat_ids)}
+    cats, notes = _drop_placeholder_categories(cats, loaded)
+    classes = [name for _, name, _ in cats]
+    col = {cid: i for i, (cid, _, _) in enumerate(cats)}
 
     def entries():
         for split in (s for s in SPLITS if s in loaded):
             ann, data = loaded[split]
             img_dir = images_dir.get(split) or images_dir.get("all")
             if img_dir is None:
-                m = re.match(r"instances_(.+)\.json$", ann.name)
-                if not m:
-                    raise SourceError(f"{ann}: cannot infer the image folder from this name; pass "
-                                      f"--images-dir {split}=DIR")
-                img_dir = root / m.group(1)
+                img_dir = _coco_image_dir(root, ann, split, data["images"])
             img_dir = Path(img_dir) if Path(img_dir).is_absolute() else root / img_dir
             labels = {}
             for i, a in enumerate(data["annotations"]):
@@ -278,7 +234,46 @@ def read_coco(root: Path, splits: Optional[dict] = None, images_dir: Optional[di
                 lab = labels.get(im.get("id"), np.zeros(len(classes), np.int8))
                 yield Item(Path(im["file_name"]).stem, image, _rel(image, root), lab, split)
 
-    return collect("coco", root, classes, entries(), keep_empty)
+    return collect("coco", root, classes, entries(), keep_empty, "dataset", notes)
+
+
+def _drop_placeholder_categories(cats: list, loaded: dict) -> tuple[list, list[str]]:
+    """Roboflow's COCO export lists a category (id 0) that only names the others' supercategory
+    and that no annotation uses; as a class it would never have a positive. Drop such ones."""
+    used = {a.get("category_id") for _, data in loaded.values() for a in data["annotations"]
+            if isinstance(a, dict)}
+    keep, notes = [], []
+    for cid, name, sup in cats:
+        parent_of_others = any(s == name for c, _, s in cats if c != cid)
+        if parent_of_others and cid not in used:
+            notes.append(f"category {name!r} (id {cid}) dropped: it is only the supercategory of the "
+                         "others and no annotation uses it (a Roboflow export's placeholder)")
+        else:
+            keep.append((cid, name, sup))
+    return (keep, notes) if keep else (cats, [])
+
+
+def _coco_image_dir(root: Path, ann: Path, split: str, images: list) -> Path:
+    """The first candidate folder holding most of the first few `file_name`s of `images`."""
+    m = re.match(r"instances_(.+)\.json$", ann.name)
+    candidates = ([root / m.group(1)] if m else []) + [ann.parent, root, ann.parent / "images",
+                                                       root / "images"]
+    unique, seen = [], set()
+    for c in candidates:
+        if c.resolve() not in seen:
+            seen.add(c.resolve())
+            unique.append(c)
+    names = [im["file_name"] for im in images[:8]
+             if isinstance(im, dict) and isinstance(im.get("file_name"), str)]
+    if not names:
+        return unique[0]   # no images listed: nothing will be looked up
+    hits = [sum((c / n).is_file() for n in names) for c in unique]
+    best = max(range(len(unique)), key=lambda i: (hits[i], -i))
+    if hits[best] == 0:
+        raise SourceError(f"{ann}: cannot find its images: none of its first {len(names)} file_names "
+                          f"(e.g. {names[0]!r}) is in any of {[str(c) for c in unique]}; pass "
+                          f"--images-dir {split}=DIR")
+    return unique[best]
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +352,9 @@ def read_csv(csv_file: Path, images: Optional[Path] = None, path_column: Optiona
         raise SourceError(f"{csv_file}: --path-column {path_column!r} not in header {header}")
     special = {path_column, "split", "key"}
     multi_hot = "labels" not in col
+    classes_from = "file" if classes is not None else "data"
     if multi_hot:
+        classes_from = "dataset"   # the header's class columns
         names = [h for h in header if h not in special]
         if classes is not None and list(classes) != names:
             raise SourceError(f"{csv_file}: --classes {list(classes)} differ from the class "
@@ -404,7 +401,7 @@ def read_csv(csv_file: Path, images: Optional[Path] = None, path_column: Optiona
                     continue
             yield Item(raw_key, image, _rel(image, root), labels, split)
 
-    return collect("csv", root, classes, entries(), keep_empty)
+    return collect("csv", root, classes, entries(), keep_empty, classes_from)
 
 
 READERS = {"voc": read_voc, "coco": read_coco, "nuswide": read_nuswide, "csv": read_csv}

@@ -29,7 +29,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .sources import SPLITS, Record, Reject, SourceDataset
+from .classes import count_table, occurrences, typo_warnings
+from .records import SPLITS, Record, Reject, SourceDataset
 
 FORMAT_VERSION = 1
 _TAR_MTIME = 1_700_000_000  # fixed member mtime: byte-identical tars across runs and worker counts
@@ -220,8 +221,9 @@ class _SplitWriter:
         self._file.close()
         tar, idx = self.tmp / f"{self._name}.tar", self.tmp / f"{self._name}.idx"
         make_index(tar, idx)
+        # "bytes": read_manifest compares it with the size on disk (a cheap truncation check)
         self.shards.append({"file": tar.name, "index": idx.name, "num_samples": self._count,
-                            "sha256": _sha256(tar)})
+                            "bytes": tar.stat().st_size, "sha256": _sha256(tar)})
         self._tar = self._file = None
 
     def close(self) -> None:
@@ -364,10 +366,15 @@ def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: P
                      "label_counts": _label_counts(ds.classes, labels)}
     _write_rejects(tmp / "rejects.jsonl", rejects)
     n_written = sum(v["num_samples"] for v in splits.values())
+    counts = occurrences(ds.classes, {s: v["label_counts"] for s, v in splits.items()})
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": ds.kind,
         "classes": ds.classes,
+        "classes_from": ds.classes_from,
+        # a class from the data's own names that is rare enough to be a typo (classes.py)
+        "class_warnings": typo_warnings(counts) if ds.classes_from == "data" else [],
+        "source_notes": ds.notes,
         "splits": splits,
         "args": args,
         "rejects": {"count": len(rejects), "by_reason": _reject_summary(rejects),
@@ -379,8 +386,7 @@ def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: P
                   "images_per_s": round(len(tasks) / max(seconds, 1e-9), 1),
                   "pool_start_s": round(t0 - t_pool, 3),  # not in images_per_s
                   "workers": opts.workers,
-                  "bytes": sum((tmp / sh["file"]).stat().st_size
-                               for v in splits.values() for sh in v["shards"])},
+                  "bytes": sum(sh["bytes"] for v in splits.values() for sh in v["shards"])},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -391,6 +397,11 @@ def summary(manifest: dict, out: Path) -> str:
     lines = [f"wrote {out}  ({manifest['kind']}, {len(manifest['classes'])} classes)"]
     for s, v in manifest["splits"].items():
         lines.append(f"  {s:5s}: {v['num_samples']:>8d} samples in {len(v['shards'])} shard(s)")
+    positives = {c: sum(v["label_counts"][c]["positive"] for v in manifest["splits"].values())
+                 for c in manifest["classes"]}
+    lines.append("  classes (positives, all splits):")
+    lines += [f"    {ln}" for ln in count_table(positives)]
+    lines += [f"  note: {n}" for n in manifest.get("source_notes", [])]
     rj = manifest["rejects"]
     lines.append(f"  inputs: {manifest['num_inputs']}, rejected: {rj['count']} {rj['by_reason']}"
                  + (f" -> {out / rj['file']}" if rj["count"] else ""))
@@ -405,6 +416,7 @@ def summary(manifest: dict, out: Path) -> str:
                      f"({c['max_abs_rate_diff_class']})"
                      + (f"; {len(none)} class(es) without a val positive: {none[:10]}"
                         + (" ..." if len(none) > 10 else "") if none else ""))
+    lines += [f"  warning: {w['message']}" for w in manifest.get("class_warnings", [])]
     st = manifest["stats"]
     lines.append(f"  {st['images']} images in {st['seconds']:.1f} s = {st['images_per_s']:.1f} "
                  f"images/s with {st['workers']} worker(s), {st['bytes'] / 1e6:.1f} MB")

@@ -1,0 +1,17 @@
+"""The two kinds of failure a user must be able to tell apart.
+
+`UserError`: bad input (a config value, a missing or unwritable path, an unknown backbone). Every
+CLI prints its message as one line, `error: ...`, and exits with status 2, with no traceback; the
+message names the key, file or value at fault and the fix.
+`DivergenceError`: training itself failed (non-finite losses); the message names the epoch, the
+step and the last good checkpoint; the trainer exits with status 1.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input; the message says what was wrong, the value received and the fix."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradients stayed non-finite; the message says where and what to do."""
