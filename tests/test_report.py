@@ -3,7 +3,6 @@ store, and the whole chain (train -> ensemble -> report) against a real `mlflow 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -135,6 +134,14 @@ def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
         for size in (32, 40):
             train(load_config(None, overrides(trained.shards, tmp_path / f"run{size}", server.uri, size, "M1", 0,
                                               None, epochs=1, experiment="http")))
+        # the sweep's call, then the report CLI in its own process
+        (built,) = ensemble.build_ensembles("http", ["scale"], server.uri, out_dir=tmp_path / "ens")
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}", "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-m", "mlic_dist.report", "--experiment", "http", "--out",
+                            str(tmp_path / "rep"), "--tracking-uri", server.uri], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "ScaleEn (tiny_cnn, M1)" in p.stdout and built.name in p.stdout   # the printed table
         client = MlflowClient(server.uri)
         runs = client.search_runs([client.get_experiment_by_name("http").experiment_id])
         kinds = sorted(r.data.tags.get("mlic.kind", "single") for r in runs)
@@ -143,6 +150,6 @@ def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
         assert ens.data.tags["mlic.ensemble_kind"] == "scale" and "test_mAP" in ens.data.metrics
         rep = next(r for r in runs if r.data.tags.get("mlic.kind") == "report")
         assert {a.path for a in client.list_artifacts(rep.info.run_id)} >= {"report.md", "pr_curves.png"}
-        doc = json.loads((next((tmp_path / "ens").iterdir()) / "ensemble.json").read_text())
-        assert sorted(m["name"] for m in doc["members"]) == ["run32", "run40"]
+        assert ens.info.run_id == built.tracking["run_id"]
+        assert sorted(m["name"] for m in built.ensemble["members"]) == ["run32", "run40"]
     assert server.proc is None
