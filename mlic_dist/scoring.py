@@ -24,15 +24,18 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval") -> tuple[np
     model, acc = run.model, run.accelerator
     model.eval()
     ids, probs, losses = [], [], []
-    for batch in tqdm(loader, total=len(loader), desc=desc, disable=not acc.is_main_process,
-                      dynamic_ncols=True, leave=False):
-        logits = model(batch.images).float()  # (B, C)
-        per_sample = (F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
-                      * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1.0)  # (B,)
-        keep = batch.ids >= 0
-        ids.append(batch.ids[keep].cpu())
-        probs.append(torch.sigmoid(logits[keep]).cpu())
-        losses.append(per_sample[keep].cpu())
+    # `with`: the bar is closed on errors too, so an error message starts a line of its own
+    with tqdm(total=len(loader), desc=desc, disable=not acc.is_main_process, dynamic_ncols=True,
+              leave=False) as bar:
+        for batch in loader:
+            logits = model(batch.images).float()  # (B, C)
+            per_sample = (F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
+                          * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1.0)  # (B,)
+            keep = batch.ids >= 0
+            ids.append(batch.ids[keep].cpu())
+            probs.append(torch.sigmoid(logits[keep]).cpu())
+            losses.append(per_sample[keep].cpu())
+            bar.update(1)
     local = (torch.cat(ids).numpy(), torch.cat(probs).numpy(), torch.cat(losses).numpy())
     parts = gather(acc, local)
     all_ids = np.concatenate([p[0] for p in parts])
