@@ -120,7 +120,10 @@ def finished_runs(client, experiment: str, parent_run_id: Optional[str] = None,
             if r.status != "FINISHED":
                 raise TrackingQueryError(f"MLflow run {r.run_id} ({r.name}) is {r.status}, not FINISHED: "
                                          f"only finished runs have final scores")
-        return [r for r in runs if r.kind in kinds]
+            if r.kind not in kinds:
+                raise TrackingQueryError(f"MLflow run {r.run_id} ({r.name}) is a {r.kind!r} run (tag {KIND_TAG}); "
+                                         f"expected one of {list(kinds)}")
+        return runs
     query = "attributes.status = 'FINISHED'"
     if parent_run_id:
         query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"

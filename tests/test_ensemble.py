@@ -241,6 +241,15 @@ def test_cli_select_under_an_explicit_parent_and_from_run_ids(trained, store, tm
     info = client.get_run(run.tracking["run_id"])
     assert info.data.tags["mlflow.parentRunId"] == parent and info.data.tags["mlic.ensemble_kind"] == "manual"
     assert info.data.tags["mlic.members"] == ",".join(ids)
+    # the sweep's call with explicit run ids: only those runs, and never an ensemble
+    pair = [trained.run_ids["m1-32-s0"], trained.run_ids["m1-40-s0"]]
+    (scale,) = ensemble.build_ensembles(EXPERIMENT, ["scale", "distr"], store, out_dir=tmp_path / "ids", run_ids=pair)
+    assert scale.ensemble["kind"] == "scale" and [m["run_id"] for m in scale.ensemble["members"]] == pair
+    from mlic_dist.mlflow_query import TrackingQueryError
+
+    with pytest.raises(TrackingQueryError, match="'ensemble' run"):
+        ensemble.build_ensembles(EXPERIMENT, ["greedy"], store, out_dir=tmp_path / "ids2",
+                                 run_ids=[*pair, run.tracking["run_id"]])
     rc, _, err = run_cli(["--experiment", "nope", "--select", "all", "--tracking-uri", store], capsys)
     assert rc == 2 and "'nope' does not exist" in err
     rc, _, err = run_cli(["--select", "scale"], capsys)
