@@ -8,7 +8,8 @@ Each model gets a run directory like a trainer's (config.yaml, classes.json, thr
 best_model.pt with random weights: speed does not depend on their values) and predicts 500x375
 photos (bench/photos.py) through `predict_files`, the CLI's loop: decode on `--workers` threads
 two batches ahead, the shared eval transform, the model, thresholds, top-k. A warm-up batch is
-left out of the timing.
+left out of the timing. CPU seconds (all threads) are recorded beside the wall time: on a
+shared, loaded machine images per CPU second is the figure that carries over.
 """
 from __future__ import annotations
 
@@ -63,11 +64,12 @@ def main(argv=None) -> dict:
         run = fake_run(args.cache / f"run-{backbone}-{size}", backbone, int(size))
         predictor = Predictor(run, args.device)
         list(predict_files(predictor, photos[:args.batch_size], args.batch_size, workers=args.workers))  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = sum(1 for r in predict_files(predictor, photos, args.batch_size, workers=args.workers) if "error" not in r)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         results.append({"model": backbone, "size": int(size), "images": n, "seconds": round(seconds, 2),
-                        "images_per_s": round(n / seconds, 1)})
+                        "images_per_s": round(n / seconds, 1), "cpu_seconds": round(cpu, 2),
+                        "images_per_cpu_s": round(n / cpu, 1)})
         print(json.dumps(results[-1]), flush=True)
     result = {"benchmark": "predict_throughput", "date": now_iso(), "machine": machine,
               "loadavg_after": [round(x, 2) for x in os.getloadavg()],

@@ -197,15 +197,15 @@ def best_single_key(groups: dict[str, list[Entry]]) -> str:
 
 
 def ensemble_table(entries: Sequence[Entry], split: str) -> list[dict]:
-    """The best single configuration chosen on validation, then every ensemble group."""
+    """The best single configuration chosen on validation (when there are training runs), then
+    every ensemble group, with its difference to that single best on `split`."""
     groups = single_groups(entries)
-    if not groups:
-        return []
-    best_key = best_single_key(groups)
-    best = groups[best_key]
-    cfg = json.loads(best_key)
-    rows = [("Single best (val): " + f"{cfg.get('model.backbone')} {cfg.get('data.augment')} {cfg.get('data.size')} px",
-             best, 1)]
+    rows = []
+    if groups:
+        best_key = best_single_key(groups)
+        cfg = json.loads(best_key)
+        rows.append((f"Single best (val): {cfg.get('model.backbone')} {cfg.get('data.augment')} "
+                     f"{cfg.get('data.size')} px", groups[best_key], 1))
     ens: dict = {}
     for e in entries:
         if e.is_ensemble:
@@ -213,14 +213,14 @@ def ensemble_table(entries: Sequence[Entry], split: str) -> list[dict]:
             ens.setdefault(key, (label, []))[1].append(e)
     for label, members in ens.values():
         rows.append((label, members, len(members[0].run.ensemble.get("members", []))))
-    base = Stat([m.value(split) for m in best]).mean
+    base = Stat([m.value(split) for m in rows[0][1]]).mean if groups else float("nan")
     table = []
-    for label, members, size in rows:
+    for i, (label, members, size) in enumerate(rows):
         test = Stat([m.value(split) for m in members])
         row = {"method": label, "runs": ", ".join(m.name for m in members), "members": size, "n": len(members),
                "val mAP": Stat([m.value("val") for m in members]), f"{split} mAP": test,
                f"Δ {split} mAP": Stat([v - base for v in test.values])}
-        row["beats single best"] = "" if not table else ("yes" if test.mean > base else "no")
+        row["beats single best"] = "" if not groups or i == 0 else ("yes" if test.mean > base else "no")
         for label2, _, rule, k in _metric_columns(split)[1:1 + len(RULE_COLUMNS)]:
             row[label2] = Stat([m.value(split, rule, k) for m in members])
         table.append(row)
@@ -444,7 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ReportError, rundir.RunDirError, mq.TrackingQueryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    main_table = report.tables["ensembles"] if len(report.tables["ensembles"]) > 1 else report.tables["single_models"]
+    has_ensembles = any(not r["method"].startswith("Single best") for r in report.tables["ensembles"])
+    main_table = report.tables["ensembles"] if has_ensembles else report.tables["single_models"]
     print(markdown_table(main_table))
     print(f"report: {report.paths[0]} ({len(report.paths)} files)"
           + (f"; MLflow run {report.run_id}" if report.run_id else ""))
