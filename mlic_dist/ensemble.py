@@ -391,6 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(argv)
+    mq.fail_fast_http()
     try:
         built = run_cli(args)
     except (EnsembleError, rundir.RunDirError, mq.TrackingQueryError, ConfigError) as e:

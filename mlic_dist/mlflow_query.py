@@ -13,6 +13,7 @@ existed have none and count as single), "ensemble", "report". MLflow is imported
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -61,11 +62,28 @@ def run_link(experiment_id: str, run_id: str) -> str:
 
 
 def connect(tracking_uri: Optional[str]):
+    """An MlflowClient for the URI (None: $MLFLOW_TRACKING_URI or ./mlflow.db), checked to answer:
+    a server that is down is one TrackingQueryError naming it, not a traceback."""
     from mlflow.tracking import MlflowClient
 
     from .tracking import resolve_uri
 
-    return MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    uri = resolve_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # connection refused, timeout, a store that cannot be opened
+        raise TrackingQueryError(f"cannot query MLflow at {uri} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}); start the tracking server or pass "
+                                 f"the right --tracking-uri") from None
+    return client
+
+
+def fail_fast_http() -> None:
+    """For the command-line tools only (they own their process): a dead tracking server fails
+    in seconds instead of MLflow's minutes of retries. Values set by the user win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def experiment_id(client, name: str) -> str:

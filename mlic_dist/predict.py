@@ -225,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import mlflow_query as mq
 
     args = build_parser().parse_args(argv)
+    mq.fail_fast_http()
     try:
         if args.batch_size < 1 or args.top_k < 1 or args.workers < 1:
             raise PredictError(f"--batch-size {args.batch_size}, --top-k {args.top_k} and --workers "

@@ -434,6 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.run_dirs and (args.tracking_uri or args.parent_run_id):
         p.error("--tracking-uri / --parent-run-id go with --experiment, not --run-dirs")
+    mq.fail_fast_http()
     try:
         if args.experiment:
             report = build_report(args.experiment, args.tracking_uri, args.out or Path("reports") / args.experiment,

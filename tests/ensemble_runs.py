@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_fixtures import build_small_shards
+from shard_fixtures import build_small_shards, tiny_run_overrides
 
 EXPERIMENT = "ens"
 SPECS = {   # name -> (data.size, data.augment, seed)
@@ -37,17 +37,12 @@ class TrainedRuns:
 
 def overrides(shards: Path, out: Path, uri: str, size: int, augment: str, seed: int, parent: str | None,
               epochs: int = 2, experiment: str = EXPERIMENT) -> list[str]:
-    values = {
-        "seed": seed, "data.shards": shards, "data.size": size, "data.augment": augment,
-        "data.loader": "torch", "data.batch_size_per_gpu": 8, "data.num_workers": 1,
-        "model.backbone": "tiny_cnn", "model.pretrained": "none", "optim.name": "adam",
-        "optim.lr": 0.01, "optim.head_lr": 0.01, "schedule.name": "none", "train.epochs": epochs,
-        "train.mixed_precision": "no", "train.output_dir": out, "tracking.uri": uri,
-        "tracking.experiment": experiment,
-    }
+    extra = {"seed": seed, "data.size": size, "data.augment": augment, "optim.name": "adam", "optim.lr": 0.01,
+             "optim.head_lr": 0.01, "schedule.name": "none", "train.epochs": epochs, "tracking.uri": uri,
+             "tracking.experiment": experiment}
     if parent:
-        values["tracking.parent_run_id"] = parent
-    return [f"{k}={v}" for k, v in values.items()]
+        extra["tracking.parent_run_id"] = parent
+    return tiny_run_overrides(shards, out, **extra)
 
 
 def train_small_runs(base: Path) -> TrainedRuns:

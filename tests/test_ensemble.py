@@ -254,3 +254,15 @@ def test_cli_select_under_an_explicit_parent_and_from_run_ids(trained, store, tm
     assert rc == 2 and "'nope' does not exist" in err
     rc, _, err = run_cli(["--select", "scale"], capsys)
     assert rc == 2 and "--experiment" in err
+
+
+def test_a_dead_tracking_server_is_one_line_fast(free_port, capsys, monkeypatch):
+    import time
+
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+        monkeypatch.setenv(var, value)   # what the CLI sets; restored after the test
+    start = time.time()
+    rc, _, err = run_cli(["--experiment", "x", "--select", "all", "--tracking-uri", f"http://127.0.0.1:{free_port}"],
+                         capsys)
+    assert rc == 2 and err.startswith("error: cannot query MLflow at http://127.0.0.1:")
+    assert len(err.strip().splitlines()) == 1 and time.time() - start < 60
