@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .common import LoaderBase, default_workers, mix_seed
 from .integrity import (REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error,
                         size_problem)
+from .transforms import EvalTransform
 
 
 def _identity(urls):
@@ -43,13 +44,15 @@ def _worker_init(_):
 def _transform(train: bool, augment: str, size: int, rrc_scale, rrc_ratio):
     from torchvision.transforms import v2
 
-    if train and augment in ("M2", "M3"):
+    if not train:
+        return EvalTransform(size)   # the one evaluation transform (predict uses it too)
+    if augment in ("M2", "M3"):
         # mostly upsampling (500 px photos -> 448 crops): no antialias (faster, same result)
         steps = [v2.RandomResizedCrop((size, size), scale=tuple(rrc_scale), ratio=tuple(rrc_ratio),
                                       antialias=False)]
     else:
         steps = [v2.Resize((size, size), antialias=True)]   # squash, like the seed's Resize((S, S))
-    if train and augment != "M0":
+    if augment != "M0":
         steps.append(v2.RandomHorizontalFlip(0.5))
     return v2.Compose(steps)
 
