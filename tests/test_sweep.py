@@ -32,14 +32,15 @@ def shards(tmp_path_factory):
                               num_classes=4, samples_per_shard=8)
 
 
-def write_sweep(path: Path, shards, root, grid, tracking_uri=None, **sweep) -> Path:
+def write_sweep(path: Path, shards, root, grid, tracking_uri=None, ensembles=("scale", "distr", "greedy"),
+                **sweep) -> Path:
     doc = {
         "data": {"shards": str(shards), "loader": "torch", "batch_size_per_gpu": 8, "num_workers": 1, "size": 32},
         "model": {"backbone": "tiny_cnn", "pretrained": "none"},
         "train": {"epochs": 2, "mixed_precision": "no"},
         "tracking": {"uri": tracking_uri, "experiment": path.stem},
         "grid": grid,
-        "ensembles": ["scale", "distr", "greedy"],
+        "ensembles": list(ensembles),
         "sweep": {"root": str(root), "progress_every_s": 10, **sweep},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -106,13 +107,12 @@ def grid_sweep(shards, cluster, server, tmp_path_factory):
     killed = {}
 
     def kill_rank0_mid_epoch():
-        # Once MLflow has the trial's run (tracking.json: the restart re-opens that run) and a
-        # checkpoint inside epoch 1 or later exists.
+        # once a checkpoint inside epoch 1 or later exists
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
             mid = [p for p in (victim_dir / "checkpoints").glob("e*-s*")
                    if re.fullmatch(r"e(\d{4})-s(\d{7})", p.name) and int(p.name[1:5]) >= 1 and int(p.name[7:]) >= 1]
-            if mid and (victim_dir / "tracking.json").is_file():
+            if mid:
                 rank0 = [h for h in headers(victim_dir) if h[0] == 0]
                 os.kill(rank0[-1][2], signal.SIGKILL)
                 killed.update(pid=rank0[-1][2], at=time.time(), checkpoint=mid[0].name)
@@ -139,22 +139,19 @@ def test_grid_tracks_a_parent_run_and_one_child_per_point(grid_sweep):
     assert "grid.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     state = json.loads((spec.root_dir / "sweep.json").read_text())
     assert state["parent_run_id"] == parent.info.run_id
+    trials = {t.name for t in spec.trials()}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-                and r.info.run_name in {t.name for t in spec.trials()}]
-    assert sorted(r.info.run_name for r in children) == sorted(t.name for t in spec.trials())
-    for run in children:
+                and r.info.run_name in trials]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == sorted(trials)  # one finished run per grid point
+    # a killed attempt that had not recorded its run yet leaves a second one, closed by the sweep
+    assert all(r.info.status == "KILLED" for r in children if r not in finished)
+    for run in finished:
         size, augment = re.fullmatch(r"size=(\d+),augment=(M\d)", run.info.run_name).groups()
         assert (run.data.params["data.size"], run.data.params["data.augment"]) == (size, augment)
-        assert run.info.status == "FINISHED"
         assert run.data.tags["run_dir"] == str(spec.root_dir / run.info.run_name)
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mAP"))
-        assert steps == sorted(set(steps)), f"{run.info.run_name}: an epoch was logged twice: {steps}"
-        if Path(run.data.tags["run_dir"]) == grid_sweep["victim"]:
-            # MLflow calls a SIGKILLed worker had queued are lost with it (its run directory keeps
-            # them); the epochs after the restart are there, on the same run
-            assert {1, 2} <= set(steps), steps
-        else:
-            assert steps == [0, 1, 2], f"{run.info.run_name}: per-epoch metrics {steps}"
+        assert steps == [0, 1, 2], f"{run.info.run_name}: per-epoch metrics {steps}"  # each epoch once
         assert "test_mAP" in run.data.metrics
 
 
@@ -189,16 +186,20 @@ def test_a_killed_worker_resumes_its_trial_from_the_checkpoint(grid_sweep):
 
 @pytest.mark.slow
 def test_ensembles_of_the_finished_trials_are_nested_runs(grid_sweep):
-    pytest.importorskip("mlic_dist.ensemble", reason="mlic_dist.ensemble (build_ensembles) is not merged yet")
     spec = grid_sweep["spec"]
-    _, runs = client_runs(grid_sweep["uri"], "grid")
+    client, runs = client_runs(grid_sweep["uri"], "grid")
     (parent,) = [r for r in runs if r.info.run_name == spec.name]
-    trials = {t.name for t in spec.trials()}
-    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-              and r.info.run_name not in trials]
-    names = " ".join(r.info.run_name for r in nested).lower()
-    for kind in ("scale", "distr", "greedy"):
-        assert kind in names, f"no {kind} ensemble run under the sweep's parent run"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_runs = {r.info.run_id for r in nested if r.info.run_name in {t.name for t in spec.trials()}
+                  and r.info.status == "FINISHED"}
+    ensembles = [r for r in nested if r.data.tags.get("mlic.kind") == "ensemble"]
+    # 2 sizes x 2 augmentations: a ScaleEn per augmentation, a DistrEn per size, one greedy
+    kinds = sorted(r.data.tags["mlic.ensemble_kind"] for r in ensembles)
+    assert kinds == ["distr", "distr", "greedy", "scale", "scale"]
+    for r in ensembles:
+        assert r.info.status == "FINISHED" and "test_mAP" in r.data.metrics
+        assert set(r.data.tags["mlic.members"].split(",")) <= trial_runs  # finished trials only
+    assert any(r.data.tags.get("mlic.kind") == "report" for r in nested)  # the report, nested too
 
 
 # --------------------------------------------------------------------------- the driver killed
@@ -231,7 +232,7 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
     # serves it with an mlflow server): a 1-epoch trial finishes while a 12-epoch one is part-way
     # when the sweep's process is SIGKILLed.
     path = write_sweep(tmp_path / "resume.yaml", shards, tmp_path / "runs", {"train.epochs": [1, 12]},
-                       max_concurrent=2)
+                       ensembles=(), max_concurrent=2, report=False)  # the grid test covers those
     args = ["--config", str(path), "train.checkpoint_every_steps=1"]
     spec = load_sweep(path, args[2:])
     short, long = (t.output_dir for t in spec.trials())
@@ -341,12 +342,17 @@ def test_dry_run_lists_every_trial_and_its_resources(shards, tmp_path, capsys):
 # --------------------------------------------------------------------------- after the trials
 
 
-def test_trial_runs_left_running_are_closed_and_only_finished_ones_feed_ensembles(tmp_path):
-    """A trial stopped early (ASHA kills its workers), a failed one and a superseded attempt leave
-    MLflow runs RUNNING; settling closes them and keeps one FINISHED run id per finished trial."""
+def test_settling_completes_finished_trials_from_their_directories_and_closes_the_rest(shards, tmp_path):
+    """A finished trial whose MLflow run is RUNNING and lacks epochs (its worker was SIGKILLed
+    before the tracking queue drained) is completed from its run directory; a second attempt's
+    stray run, a trial stopped early (also when its trainer said FAILED) and a failed trial are
+    closed; another sweep's run is left alone; only the finished trial keeps a run id."""
     from mlflow.tracking import MlflowClient
 
+    from mlic_dist import rundir
+    from mlic_dist.config import load_config
     from mlic_dist.sweep.results import TrialOutcome, settle_trial_runs, table
+    from mlic_dist.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -359,19 +365,28 @@ def test_trial_runs_left_running_are_closed_and_only_finished_ones_feed_ensemble
             client.set_terminated(run_id, status)
         return run_id
 
-    stale_attempt, done = child("a"), child("a", "FINISHED")
+    out = tmp_path / "a"
+    train(load_config(None, [f"data.shards={shards}", "data.size=32", "data.loader=torch", "data.num_workers=1",
+                             "data.batch_size_per_gpu=8", "model.backbone=tiny_cnn", "model.pretrained=none",
+                             "train.epochs=2", "train.mixed_precision=no", f"train.output_dir={out}",
+                             "tracking.enabled=false", "tracking.experiment=settle", "tracking.run_name=a",
+                             f"tracking.parent_run_id={parent}"]))
+    stray, partial = child("a"), child("a")
+    client.log_metric(partial, "val_mAP", 0.5, step=0)   # epoch 1 and the final metrics never arrived
+    rundir.write_tracking(out, uri, "settle", partial)
     stopped, stopped_said_failed, failed = child("b"), child("d", "FAILED"), child("c")
-    other_sweep = client.create_run(exp, tags={"mlflow.runName": "a"})
-    results = [TrialOutcome("a", "finished", 3, 0.9), TrialOutcome("b", "stopped early", 1, 0.5),
+    other_sweep = client.create_run(exp, tags={"mlflow.runName": "a"}).info.run_id
+    results = [TrialOutcome("a", "finished", 2, 0.9, run_dir=out), TrialOutcome("b", "stopped early", 1, 0.5),
                TrialOutcome("c", "failed", 0, None, error="boom"), TrialOutcome("d", "stopped early", 1, 0.4)]
-    settle_trial_runs(uri, parent, results)
-    status = {r: client.get_run(r).info.status for r in (stale_attempt, done, stopped, stopped_said_failed, failed)}
-    assert status == {stale_attempt: "KILLED", done: "FINISHED", stopped: "KILLED", stopped_said_failed: "KILLED",
+    settle_trial_runs(uri, "settle", parent, results)
+    status = {r: client.get_run(r).info.status for r in (stray, partial, stopped, stopped_said_failed, failed)}
+    assert status == {stray: "KILLED", partial: "FINISHED", stopped: "KILLED", stopped_said_failed: "KILLED",
                       failed: "FAILED"}
-    assert client.get_run(other_sweep.info.run_id).info.status == "RUNNING"  # not this sweep's
-    assert [o.run_id for o in results] == [done, None, None, None]
-    rows = table(results).splitlines()[2:]
-    assert rows[0].startswith("| a | finished | 3 | 0.9000 | " + done)
+    assert sorted(m.step for m in client.get_metric_history(partial, "val_mAP")) == [0, 1]
+    assert "test_mAP" in client.get_run(partial).data.metrics
+    assert client.get_run(other_sweep).info.status == "RUNNING"  # not this sweep's
+    assert [o.run_id for o in results] == [partial, None, None, None]
+    assert table(results).splitlines()[2].startswith("| a | finished | 2 | 0.9000 | " + partial)
 
 
 def test_a_killed_trial_driver_gives_its_workers_placement_group_back():

@@ -145,7 +145,7 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
         failed = [o for o in results if o.status == "failed"]
         t_post = time.time()
         if parent_id:
-            settle_trial_runs(tracking_uri, parent_id, results)
+            settle_trial_runs(tracking_uri, base.tracking.experiment, parent_id, results)
         print("\n" + table(results), file=out)
         for o in failed:
             print(f"failed: {o.name}: {o.error} (log: {root / o.name / 'train.log'})", file=out)
@@ -182,7 +182,8 @@ def _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out) ->
         steps.append(("ensembles", lambda: _ensembles(spec, experiment, tracking_uri, parent_id, finished, out)))
     elif spec.ensembles:
         print(f"ensembles skipped: {len(finished)} finished trial(s), an ensemble needs 2", file=out)
-    steps.append(("report", lambda: _report(spec, experiment, tracking_uri, parent_id, out)))
+    if spec.settings.report:
+        steps.append(("report", lambda: _report(spec, experiment, tracking_uri, parent_id, out)))
     for what, step in steps:
         try:
             step()

@@ -77,6 +77,8 @@ class SweepSettings:
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     progress_every_s: float = 60.0
     """Print a progress line at least this often (and on every change)."""
+    report: bool = True
+    """Build the report (mlic_dist.report) of the trials and ensembles at the end."""
 
     def __post_init__(self):
         if self.name and not _NAME_OK.match(self.name):
