@@ -8,9 +8,10 @@ import yaml
 from mlic_dist.config import (Config, ConfigError, describe, flatten, load_config, replace,
                               save_config, to_dict)
 
-# configs/accelerate/ holds `accelerate launch` files, not training configs (test_accelerate_configs.py)
+# configs/accelerate/ holds `accelerate launch` files, not training configs (test_accelerate_configs.py);
+# configs/sweeps/ holds sweep files (a config plus grid:, ensembles:, sweep:): test_sweep.py loads them.
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml")
-                 if p.parent.name != "accelerate")
+                 if p.parent.name not in ("accelerate", "sweeps"))
 
 
 def test_defaults_are_the_papers_recipe():

@@ -1,0 +1,156 @@
+"""Ray for a sweep: start or join it, size the trials to its resources, check shared storage.
+
+Without an address the sweep starts Ray on this machine (CPU-only works) and gives its node the
+`trial_driver` resource, so the trial drivers (which only watch their Ray Train workers) take no
+CPU a worker could use. With `--address auto|HOST:PORT` it joins a cluster started by `ray start`;
+there the shards and SWEEP.root must be on storage every node mounts at the same path. What can
+be checked is checked before any trial starts: one tiny task per node reads each shard manifest
+and writes a probe file under SWEEP.root that this machine must then see.
+
+To keep drivers off preemptible GPU nodes (Ray Train's advice), start a safe node with
+`ray start --resources='{"trial_driver": 64}'`; drivers then run there and use no CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .spec import SweepError, SweepSpec
+
+DRIVER_RESOURCE = "trial_driver"
+CODE_ROOT = Path(__file__).resolve().parents[2]   # the checkout that holds this mlic_dist
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one trial is placed and how many run at once."""
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    driver_resources: dict
+    max_concurrent: int
+    cluster: dict          # ray.cluster_resources() when planned
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def worker_resources(self) -> dict:
+        res = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+    def describe(self) -> str:
+        worker = ", ".join(f"{k} {v:g}" for k, v in self.worker_resources.items())
+        driver = ", ".join(f"{k} {v:g}" for k, v in self.driver_resources.items() if v)
+        return (f"each trial: {self.workers} worker(s) x ({worker}) + driver ({driver}); "
+                f"{self.max_concurrent} trial(s) at once")
+
+
+def connect(address: Optional[str]) -> None:
+    """Start Ray here (address None) or join the cluster at `address`. Ray's own log streams and
+    progress tables stay off: the sweep prints its own compact view, each trial logs to its
+    output directory and Ray keeps the rest under /tmp/ray/session_latest/logs."""
+    import ray
+
+    path = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    # Workers import this checkout's mlic_dist where the path exists (this machine, shared
+    # storage); elsewhere the installed package.
+    # Ray Train's print patch would copy every print of train() into its logger too: rank 0's
+    # output goes to the trial's train.log once.
+    runtime_env = {"env_vars": {"PYTHONPATH": path, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}}
+    common = dict(log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+    if address is None:
+        # "local": a new instance even where RAY_ADDRESS names a cluster (join one with --address).
+        ray.init(address="local", include_dashboard=False, resources={DRIVER_RESOURCE: 10_000}, **common)
+    else:
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as e:
+            raise SweepError(f"--address {address}: no Ray cluster there ({e}); start one with `ray start --head` "
+                             f"(and `ray start --address HEAD:6379` on the other nodes)") from None
+
+
+def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
+    """Trial placement from the cluster's resources: GPUs // GPUs per trial trials at once (on a
+    CPU-only cluster, CPUs // CPUs per trial), capped by sweep.max_concurrent and the trial count."""
+    s = spec.settings
+    total_gpus = int(resources.get("GPU", 0))
+    total_cpus = float(resources.get("CPU", 0))
+    gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+    if gpus and not total_gpus:
+        raise SweepError(f"sweep.gpus_per_worker={gpus:g} but the Ray cluster has no GPUs; use "
+                         f"--gpus-per-worker 0 to train on CPUs")
+    driver = {"CPU": 0, DRIVER_RESOURCE: 1} if resources.get(DRIVER_RESOURCE) else {"CPU": 1}
+    per_trial_cpus = s.workers_per_trial * s.cpus_per_worker + driver["CPU"]
+    if gpus:
+        fit = int(total_gpus // (s.workers_per_trial * gpus))
+        need, have = f"{s.workers_per_trial * gpus:g} GPUs", f"{total_gpus} GPUs"
+    else:
+        fit = int(total_cpus // per_trial_cpus)
+        need, have = f"{per_trial_cpus:g} CPUs", f"{total_cpus:g} CPUs"
+    if fit < 1:
+        raise SweepError(f"one trial needs {need} ({s.workers_per_trial} workers) but the Ray cluster has "
+                         f"{have}; lower --workers-per-trial (or --cpus-per-worker / --gpus-per-worker)")
+    k = min(s.max_concurrent or fit, n_trials)
+    return Plan(s.workers_per_trial, s.cpus_per_worker, gpus, driver, k, dict(resources))
+
+
+def _probe(shards_dirs: list[str], probe_dir: str, token: str) -> dict:
+    """Runs once on every node: which shard manifests it cannot read, and a probe file written
+    under SWEEP.root that the sweep's machine must see (else that storage is not shared)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    missing = [d for d in shards_dirs if not (Path(d) / "manifest.json").is_file()]
+    error = ""
+    try:
+        Path(probe_dir).mkdir(parents=True, exist_ok=True)
+        (Path(probe_dir) / f"{node}.{token}").write_text(socket.gethostname())
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"node": node, "host": socket.gethostname(), "missing": missing, "error": error}
+
+
+def check_nodes(spec: SweepSpec, shards_dirs: list[str]) -> int:
+    """On a cluster: every alive node reads the shards and writes where this machine reads.
+    Returns the number of nodes checked; raises SweepError naming the node and the fix."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe_dir = spec.root_dir / ".nodes"
+    token = os.urandom(4).hex()
+    task = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(shards_dirs, str(probe_dir), token) for n in nodes]
+    try:
+        reports = ray.get(refs, timeout=120)
+    except ray.exceptions.RayTaskError as e:
+        raise SweepError(f"a node could not run the sweep's storage check ({str(e).splitlines()[0]}); install "
+                         f"mlic_dist on every node (pip install -e .) or put the checkout on shared storage") from None
+    except ray.exceptions.GetTimeoutError:
+        raise SweepError("the storage check did not finish on every node in 120 s; is the cluster busy?") from None
+    try:
+        for r in reports:
+            where = f"node {r['host']} ({r['node'][:8]})"
+            if r["missing"]:
+                raise SweepError(f"{where} cannot read {r['missing'][0]}/manifest.json: the shards must be on storage "
+                                 f"every node mounts at the same absolute path (set data.shards to it)")
+            if r["error"]:
+                raise SweepError(f"{where} cannot write under {spec.root_dir} ({r['error']}): sweep.root must be "
+                                 f"shared storage every node can write")
+            if not (probe_dir / f"{r['node']}.{token}").is_file():
+                raise SweepError(f"{where} wrote under {spec.root_dir} but this machine does not see it: "
+                                 f"sweep.root must be on storage every node mounts at the same path (NFS, ...)")
+    finally:
+        for p in probe_dir.glob(f"*.{token}"):
+            p.unlink(missing_ok=True)
+    return len(reports)

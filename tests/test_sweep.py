@@ -1,0 +1,480 @@
+"""The Ray Tune sweep end to end on real shards, a real (simulated 2-node) Ray cluster and a real
+MLflow server: the grid tracked as nested runs, 2 Ray Train workers per trial as one DDP job, a
+worker SIGKILLed mid-training resuming from its checkpoint, a SIGKILLed sweep finished by
+--resume without redoing finished trials, and bad input stopped before anything starts."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlic_dist.sweep.spec import SweepError, load_sweep
+from shard_fixtures import build_small_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "launch" / "sweep.py"
+pytestmark = pytest.mark.dist
+
+HEADER = re.compile(r"^\[sweep\] worker rank (\d+)/(\d+) pid (\d+) on \S+ node (\w+)", re.M)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    # 64 training samples: 4 steps per epoch for 2 workers of batch 8 (room to be killed mid-epoch)
+    return build_small_shards(tmp_path_factory.mktemp("sweep-shards"), n_train=64, n_val=12, n_test=8,
+                              num_classes=4, samples_per_shard=8)
+
+
+def write_sweep(path: Path, shards, root, grid, tracking_uri=None, ensembles=("scale", "distr", "greedy"),
+                **sweep) -> Path:
+    doc = {
+        "data": {"shards": str(shards), "loader": "torch", "batch_size_per_gpu": 8, "num_workers": 1, "size": 32},
+        "model": {"backbone": "tiny_cnn", "pretrained": "none"},
+        "train": {"epochs": 2, "mixed_precision": "no"},
+        "tracking": {"uri": tracking_uri, "experiment": path.stem},
+        "grid": grid,
+        "ensembles": list(ensembles),
+        "sweep": {"root": str(root), "progress_every_s": 10, **sweep},
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def headers(trial_dir: Path) -> list[tuple[int, int, int, str]]:
+    """(rank, world, pid, node) of every worker start rank 0 logged in the trial's train.log."""
+    text = (trial_dir / "train.log").read_text()
+    return [(int(r), int(w), int(p), n) for r, w, p, n in HEADER.findall(text)]
+
+
+def history(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "history.jsonl").read_text().splitlines()]
+
+
+def client_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# --------------------------------------------------------------------------- the grid on 2 nodes
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Two simulated nodes of 2 logical CPUs; the head also offers the trial-driver resource.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                      "resources": {"trial_driver": 16}})
+    try:
+        c.add_node(num_cpus=2)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from mlic_dist.mlflow_server import MlflowServer
+
+    db = tmp_path_factory.mktemp("sweep-mlflow") / "mlflow.db"
+    with MlflowServer(f"sqlite:///{db}") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(shards, cluster, server, tmp_path_factory):
+    """2 sizes x 2 augmentations, 2 workers per trial, on the 2-node cluster, tracked over HTTP;
+    rank 0 of one trial is SIGKILLed mid-way through its second epoch."""
+    from mlic_dist.sweep.run import run_sweep
+
+    tmp = tmp_path_factory.mktemp("grid")
+    path = write_sweep(tmp / "grid.yaml", shards, tmp / "runs", {"data.size": [32, 48], "data.augment": ["M1", "M2"]},
+                       tracking_uri=server.uri, workers_per_trial=2)
+    spec = load_sweep(path, ["train.epochs=3", "train.checkpoint_every_steps=1"])
+    victim_dir = spec.root_dir / "size=32,augment=M1"
+    killed = {}
+
+    def kill_rank0_mid_epoch():
+        # once a checkpoint inside epoch 1 or later exists
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            mid = [p for p in (victim_dir / "checkpoints").glob("e*-s*")
+                   if re.fullmatch(r"e(\d{4})-s(\d{7})", p.name) and int(p.name[1:5]) >= 1 and int(p.name[7:]) >= 1]
+            if mid:
+                rank0 = [h for h in headers(victim_dir) if h[0] == 0]
+                os.kill(rank0[-1][2], signal.SIGKILL)
+                killed.update(pid=rank0[-1][2], at=time.time(), checkpoint=mid[0].name)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_rank0_mid_epoch, daemon=True)
+    killer.start()
+    t0 = time.time()
+    rc = run_sweep(spec, address=cluster.address)
+    killer.join(1)
+    return {"rc": rc, "spec": spec, "uri": server.uri, "killed": killed, "victim": victim_dir,
+            "wall_s": time.time() - t0}
+
+
+@pytest.mark.slow
+def test_grid_tracks_a_parent_run_and_one_child_per_point(grid_sweep):
+    spec, uri = grid_sweep["spec"], grid_sweep["uri"]
+    assert grid_sweep["rc"] == 0
+    client, runs = client_runs(uri, "grid")
+    (parent,) = [r for r in runs if r.info.run_name == spec.name]
+    assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["grid.data.size"]) == [32, 48]
+    assert "grid.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    state = json.loads((spec.root_dir / "sweep.json").read_text())
+    assert state["parent_run_id"] == parent.info.run_id
+    trials = {t.name for t in spec.trials()}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.info.run_name in trials]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == sorted(trials)  # one finished run per grid point
+    # a killed attempt that had not recorded its run yet leaves a second one, closed by the sweep
+    assert all(r.info.status == "KILLED" for r in children if r not in finished)
+    for run in finished:
+        size, augment = re.fullmatch(r"size=(\d+),augment=(M\d)", run.info.run_name).groups()
+        assert (run.data.params["data.size"], run.data.params["data.augment"]) == (size, augment)
+        assert run.data.tags["run_dir"] == str(spec.root_dir / run.info.run_name)
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mAP"))
+        assert steps == [0, 1, 2], f"{run.info.run_name}: per-epoch metrics {steps}"  # each epoch once
+        assert "test_mAP" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_two_workers_of_a_trial_train_as_one_ddp_job_on_either_node(grid_sweep):
+    spec = grid_sweep["spec"]
+    nodes = set()
+    for t in spec.trials():
+        metrics = json.loads((t.output_dir / "metrics.json").read_text())
+        assert metrics["world_size"] == 2
+        # rank 0 logs world 2; the config the trial ran is the grid point's
+        assert {(r, w) for r, w, _, _ in headers(t.output_dir)} == {(0, 2)}
+        ran = yaml.safe_load((t.output_dir / "config.yaml").read_text())
+        assert (ran["data"]["size"], ran["data"]["augment"]) == (t.cfg.data.size, t.cfg.data.augment)
+        nodes |= {n for *_, n in headers(t.output_dir)}
+    assert len(nodes) == 2, "trials should land on both nodes of the cluster"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_its_trial_from_the_checkpoint(grid_sweep):
+    victim, killed = grid_sweep["victim"], grid_sweep["killed"]
+    assert killed, "the victim trial never reached a step checkpoint in epoch 1 or later"
+    starts = headers(victim)
+    assert len(starts) == 2 and starts[0][2] == killed["pid"] and starts[1][2] != killed["pid"]
+    log = (victim / "train.log").read_text()
+    after_restart = log[log.rindex("[sweep] worker rank 0/2"):]
+    resumed = re.search(r"resumed from \S+ \(epoch (\d+), step (\d+)\)", after_restart)
+    assert resumed and int(resumed.group(1)) >= 1, "the restarted worker group began again from epoch 0"
+    assert [h["epoch"] for h in history(victim)] == [0, 1, 2]
+    assert json.loads((victim / "metrics.json").read_text())["epochs_run"] == 3
+
+
+@pytest.mark.slow
+def test_ensembles_of_the_finished_trials_are_nested_runs(grid_sweep):
+    spec = grid_sweep["spec"]
+    client, runs = client_runs(grid_sweep["uri"], "grid")
+    (parent,) = [r for r in runs if r.info.run_name == spec.name]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_runs = {r.info.run_id for r in nested if r.info.run_name in {t.name for t in spec.trials()}
+                  and r.info.status == "FINISHED"}
+    ensembles = [r for r in nested if r.data.tags.get("mlic.kind") == "ensemble"]
+    # 2 sizes x 2 augmentations: a ScaleEn per augmentation, a DistrEn per size, one greedy
+    kinds = sorted(r.data.tags["mlic.ensemble_kind"] for r in ensembles)
+    assert kinds == ["distr", "distr", "greedy", "scale", "scale"]
+    for r in ensembles:
+        assert r.info.status == "FINISHED" and "test_mAP" in r.data.metrics
+        assert set(r.data.tags["mlic.members"].split(",")) <= trial_runs  # finished trials only
+    assert any(r.data.tags.get("mlic.kind") == "report" for r in nested)  # the report, nested too
+
+
+# --------------------------------------------------------------------------- the driver killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _sweep_cli(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # set by the cluster fixture
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(shards, tmp_path):
+    # Two trials at once on this machine's own Ray, tracked in a local SQLite store (so the sweep
+    # serves it with an mlflow server): a 1-epoch trial finishes while a 12-epoch one is part-way
+    # when the sweep's process is SIGKILLed.
+    path = write_sweep(tmp_path / "resume.yaml", shards, tmp_path / "runs", {"train.epochs": [1, 12]},
+                       ensembles=(), max_concurrent=2, report=False)  # the grid test covers those
+    args = ["--config", str(path), "train.checkpoint_every_steps=1"]
+    spec = load_sweep(path, args[2:])
+    short, long = (t.output_dir for t in spec.trials())
+    proc = _sweep_cli(args, tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if any("epochs=1 finished" in ln for ln in lines) and list((long / "checkpoints").glob("e*")):
+                break
+            time.sleep(0.05)
+        time.sleep(3)  # Tune records a finished trial in its saved state within 2 s
+        assert proc.poll() is None and not (long / "metrics.json").exists(), \
+            "the sweep ended before it could be killed:\n" + "".join(lines)[-3000:]
+        proc.kill()  # the sweep's own process only, as a crash would
+        proc.wait()
+    finally:
+        _kill_group(proc.pid)  # Ray's helpers that outlive a killed driver (same process group)
+    state = json.loads((spec.root_dir / "sweep.json").read_text())
+    old_server = state["mlflow_server"]["pid"]
+    assert _alive(old_server)  # a killed sweep cannot stop its mlflow server (its own session)
+    short_metrics = (short / "metrics.json").stat().st_mtime_ns
+    try:
+        again = _sweep_cli(args + ["--resume"], tmp_path)
+        out, _ = again.communicate(timeout=500)
+    finally:
+        _kill_group(old_server)
+        _kill_group(again.pid)
+    assert again.returncode == 0, out[-4000:]
+    assert not _alive(old_server)  # --resume stopped the stale server first
+    assert len(headers(short)) == 1 and (short / "metrics.json").stat().st_mtime_ns == short_metrics
+    assert len(headers(long)) == 2 and re.search(r"resumed from \S+ \(epoch \d+, step \d+\)",
+                                                  (long / "train.log").read_text())
+    assert [h["epoch"] for h in history(long)] == list(range(12))
+    client, runs = client_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    (parent,) = [r for r in runs if r.info.run_name == spec.name]
+    assert parent.info.run_id == state["parent_run_id"] and parent.info.status == "FINISHED"
+    finished = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                      and r.info.status == "FINISHED" and r.info.run_name in {t.name for t in spec.trials()})
+    assert finished == sorted(t.name for t in spec.trials())
+    assert f"#/experiments/{parent.info.experiment_id}/runs" in out  # the UI hint opens the runs page
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _main(argv, capsys):
+    sys.path.insert(0, str(SWEEP.parent))
+    try:
+        import importlib
+
+        cli = importlib.import_module("sweep")
+    finally:
+        sys.path.remove(str(SWEEP.parent))
+    rc = cli.main(argv)
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("grid.data.sise=[32]", "'data.sise'"),
+    ("grid.model.backbone=[resnet1010]", "resnet1010"),
+    ("grid.data.augment=[M1,M7]", "M7"),
+    ("data.shards=SHARDS/nowhere", "manifest.json"),
+    ("grid.data.size=[]", "grid.data.size is an empty list"),
+])
+def test_bad_input_is_one_line_and_starts_nothing(shards, tmp_path, capsys, override, expected):
+    import ray
+
+    path = write_sweep(tmp_path / "bad.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    rc, cap = _main(["--config", str(path), override.replace("SHARDS", str(tmp_path))], capsys)
+    assert rc == 2 and expected in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert "Traceback" not in cap.err and not (tmp_path / "runs").exists() and not ray.is_initialized()
+
+
+def test_an_empty_grid_and_a_local_store_on_a_cluster_are_refused(shards, tmp_path, capsys):
+    path = write_sweep(tmp_path / "empty.yaml", shards, tmp_path / "runs", {})
+    rc, cap = _main(["--config", str(path)], capsys)
+    assert rc == 2 and "has no grid" in cap.err
+    path = write_sweep(tmp_path / "local.yaml", shards, tmp_path / "runs", {"data.size": [32]})
+    rc, cap = _main(["--config", str(path), "--address", "auto"], capsys)
+    assert rc == 2 and "local file store" in cap.err and "tracking.uri=http://" in cap.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_user_error_exits_2_without_traceback(shards, tmp_path):
+    path = write_sweep(tmp_path / "bad.yaml", shards, tmp_path / "runs", {"model.backbone": ["resnet1010"]})
+    p = subprocess.run([sys.executable, str(SWEEP), "--config", str(path)], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "model registry" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_lists_every_trial_and_its_resources(shards, tmp_path, capsys):
+    path = write_sweep(tmp_path / "dry.yaml", shards, tmp_path / "runs",
+                       {"data.size": [32, 48], "data.augment": ["M1", "M2", "M3"]})
+    rc, cap = _main(["--config", str(path), "--dry-run", "--workers-per-trial", "2"], capsys)
+    assert rc == 0
+    lines = [ln for ln in cap.out.splitlines() if ln.startswith("  size=")]
+    assert len(lines) == 6 and "2 worker(s)" in cap.out
+    assert any(ln.startswith("  size=48,augment=M3:") and str(tmp_path / "runs" / "dry" / "size=48,augment=M3") in ln
+               for ln in lines)
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- after the trials
+
+
+def test_settling_completes_finished_trials_from_their_directories_and_closes_the_rest(shards, tmp_path):
+    """A finished trial whose MLflow run is RUNNING and lacks epochs (its worker was SIGKILLed
+    before the tracking queue drained) is completed from its run directory; a second attempt's
+    stray run, a trial stopped early (also when its trainer said FAILED) and a failed trial are
+    closed; another sweep's run is left alone; only the finished trial keeps a run id."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist import rundir
+    from mlic_dist.config import load_config
+    from mlic_dist.sweep.results import TrialOutcome, settle_trial_runs, table
+    from mlic_dist.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("settle")
+    parent = client.create_run(exp, tags={"mlflow.runName": "sweep"}).info.run_id
+
+    def child(name, status=None):
+        run_id = client.create_run(exp, tags={"mlflow.runName": name, "mlflow.parentRunId": parent}).info.run_id
+        if status:
+            client.set_terminated(run_id, status)
+        return run_id
+
+    out = tmp_path / "a"
+    train(load_config(None, [f"data.shards={shards}", "data.size=32", "data.loader=torch", "data.num_workers=1",
+                             "data.batch_size_per_gpu=8", "model.backbone=tiny_cnn", "model.pretrained=none",
+                             "train.epochs=2", "train.mixed_precision=no", f"train.output_dir={out}",
+                             "tracking.enabled=false", "tracking.experiment=settle", "tracking.run_name=a",
+                             f"tracking.parent_run_id={parent}"]))
+    stray, partial = child("a"), child("a")
+    client.log_metric(partial, "val_mAP", 0.5, step=0)   # epoch 1 and the final metrics never arrived
+    rundir.write_tracking(out, uri, "settle", partial)
+    stopped, stopped_said_failed, failed = child("b"), child("d", "FAILED"), child("c")
+    other_sweep = client.create_run(exp, tags={"mlflow.runName": "a"}).info.run_id
+    results = [TrialOutcome("a", "finished", 2, 0.9, run_dir=out), TrialOutcome("b", "stopped early", 1, 0.5),
+               TrialOutcome("c", "failed", 0, None, error="boom"), TrialOutcome("d", "stopped early", 1, 0.4)]
+    settle_trial_runs(uri, "settle", parent, results)
+    status = {r: client.get_run(r).info.status for r in (stray, partial, stopped, stopped_said_failed, failed)}
+    assert status == {stray: "KILLED", partial: "FINISHED", stopped: "KILLED", stopped_said_failed: "KILLED",
+                      failed: "FAILED"}
+    assert sorted(m.step for m in client.get_metric_history(partial, "val_mAP")) == [0, 1]
+    assert "test_mAP" in client.get_run(partial).data.metrics
+    assert client.get_run(other_sweep).info.status == "RUNNING"  # not this sweep's
+    assert [o.run_id for o in results] == [partial, None, None, None]
+    assert table(results).splitlines()[2].startswith("| a | finished | 2 | 0.9000 | " + partial)
+
+
+def test_a_killed_trial_driver_gives_its_workers_placement_group_back():
+    """A trial's driver killed by Tune (ASHA) leaves its Ray Train workers' placement group behind
+    (it lives as long as the job); the releaser removes it when Tune reports the trial over."""
+    import types
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from mlic_dist.sweep.tune import make_releaser
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=0)
+        class Driver:  # reserves like Ray Train's controller does, then dies without cleaning up
+            def reserve(self):
+                pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+                ray.get(pg.ready())
+                return pg.id.hex()
+
+        driver = Driver.remote()
+        pg_hex = ray.get(driver.reserve.remote())
+        ray.kill(driver)
+        time.sleep(1)
+        assert placement_group_table()[pg_hex]["state"] == "CREATED" and ray.available_resources().get("CPU", 0) == 0
+        trial = types.SimpleNamespace(last_result={"placement_group": pg_hex, "epochs_done": 1})
+        make_releaser().on_trial_complete(0, [], trial)
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert placement_group_table()[pg_hex]["state"] == "REMOVED" and ray.available_resources()["CPU"] == 2
+        make_releaser().on_trial_error(0, [], trial)  # already removed: nothing to do
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the sweep file
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_expands_into_valid_trials(path, shards):
+    spec = load_sweep(path, [f"data.shards={shards}"])
+    trials = spec.trials()
+    assert len(trials) == len({t.name for t in trials}) == len(spec.points()) >= 12
+    assert set(spec.ensembles) == {"scale", "distr", "greedy"}
+    for t in trials:
+        assert t.output_dir == spec.root_dir / t.name and t.cfg.tracking.run_name == t.name
+        assert t.cfg.data.augment in ("M1", "M2", "M3")
+        if t.cfg.model.backbone == "advanced_cnn":   # from scratch with its own recipe
+            assert (t.cfg.model.pretrained, t.cfg.optim.name, t.cfg.data.normalize) == ("none", "adam", "half")
+
+
+def test_grid_points_name_trials_and_overrides_reach_every_part(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(shards, tmp_path)
+    path = write_sweep(tmp_path / "spec.yaml", rel, "runs", {
+        "model": [{"name": "tiny", "model.backbone": "tiny_cnn"},
+                  {"name": "tiny_adam", "model.backbone": "tiny_cnn", "optim.name": "adam", "optim.lr": 0.001}],
+        "data.size": [32, 48], "seed": [0, 1]})
+    spec = load_sweep(path, ["train.epochs=5", "grid.seed=[3]", "sweep.name=other", "ensembles=[scale]"])
+    trials = spec.trials()
+    assert [t.name for t in trials] == ["model=tiny,size=32,seed=3", "model=tiny,size=48,seed=3",
+                                        "model=tiny_adam,size=32,seed=3", "model=tiny_adam,size=48,seed=3"]
+    adam = trials[2].cfg
+    assert (adam.optim.name, adam.optim.lr, adam.data.size, adam.seed, adam.train.epochs) == ("adam", 0.001, 32, 3, 5)
+    assert trials[0].cfg.optim.name == "sgd" and spec.ensembles == ("scale",)
+    # relative paths are resolved where the sweep starts, not in the Ray workers' directories
+    assert Path(adam.data.shards) == Path(shards) and Path(adam.train.output_dir).is_absolute()
+    assert adam.train.output_dir == str(tmp_path / "runs" / "other" / trials[2].name)
+    assert adam.tracking.run_name == trials[2].name
+    with pytest.raises(SweepError, match="train.output_dir cannot be swept"):
+        load_sweep(path, ["grid.train.output_dir=[a, b]"])
+    with pytest.raises(SweepError, match="set by grid.model and by grid.optim.name"):
+        load_sweep(path, ["grid.optim.name=[sgd]"])
+
+
+def test_resume_refuses_a_changed_grid_and_a_new_run_refuses_an_old_name(shards, tmp_path):
+    from mlic_dist.sweep.state import check_state, write_state
+
+    path = write_sweep(tmp_path / "st.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    spec = load_sweep(path)
+    spec.root_dir.mkdir(parents=True)
+    write_state(spec, {}, parent_run_id="abc")
+    assert check_state(load_sweep(path), resume=True)["parent_run_id"] == "abc"
+    with pytest.raises(SweepError, match="already ran"):
+        check_state(spec, resume=False)
+    with pytest.raises(SweepError, match="grid key data.size changed"):
+        check_state(load_sweep(path, ["grid.data.size=[32]"]), resume=True)
+    with pytest.raises(SweepError, match="base key train.epochs changed"):
+        check_state(load_sweep(path, ["train.epochs=9"]), resume=True)
