@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint, optim, rundir
-from .config import config_from_dict, flatten, to_dict
+from .config import Config, config_from_dict, flatten, to_dict
 from .distributed import unwrap
 from .errors import UserError
 
@@ -51,8 +51,11 @@ class Resumed:
 
 
 def config_changes(old: dict, new: dict) -> dict:
-    """Flat key -> [old value, new value] for every key that differs (nested plain dicts in)."""
+    """Flat key -> [old value, new value] for every key that differs (nested plain dicts in).
+    A key the old config lacks (written before the key existed) had its default value."""
     a, b = flatten(old), flatten(new)
+    defaults = flatten(to_dict(Config()))
+    a.update({k: defaults[k] for k in b if k not in a and k in defaults})
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -97,6 +100,8 @@ def save_checkpoint(run) -> Path:
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
             "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
             "trainer": run.state.to_dict(),
+            # rank 0's EMA (its BatchNorm statistics are the ones every rank evaluates: ema.py)
+            "ema": run.ema.state_dict() if getattr(run, "ema", None) is not None else None,
             "config": to_dict(run.cfg),
             "manifest_sha256": run.manifest_sha256,
         }
@@ -173,6 +178,12 @@ def maybe_resume(run) -> Resumed | None:
         run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(state["scaler"])
+    ema = getattr(run, "ema", None)
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        warnings.warn(f"{path} holds no weight EMA (train.ema_decay was 0 when it was written): the EMA "
+                      f"starts from the resumed weights")
     run.state = type(run.state)(**state["trainer"])
     _apply_optimizer_changes(run, old_cfg, old_world)
     if rng is not None and old_world == acc.num_processes and not info.restarted_epoch:

@@ -36,7 +36,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, metrics, optim, rundir, tracking
@@ -44,7 +43,9 @@ from .config import Config, flatten, load_config, to_dict
 from .data import build_loader, read_manifest
 from .data.labels import read_split_labels
 from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
+from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .errors import DivergenceError, UserError
+from .losses import build_loss
 from .models import create_model
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -65,6 +66,7 @@ class TrainState:
     bad_steps: int = 0             # optimizer steps in a row with a non-finite loss/gradient
     skipped_steps: int = 0         # all such steps (skipped, not applied)
     history: list = field(default_factory=list)
+    best_source: str = "raw"       # raw | ema: which weights best_model.pt holds (train.ema_decay)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -86,6 +88,12 @@ class Run:
     state: TrainState
     manifest_sha256: Optional[str] = None
     last_good_checkpoint: Optional[Path] = None
+    ema: Optional[torch.nn.Module] = None   # AveragedModel (mlic_dist/ema.py) when train.ema_decay > 0
+    loss_fn: Optional[Callable] = None      # losses.MultiLabelLoss; None = built from cfg.loss
+
+    def __post_init__(self):
+        if self.loss_fn is None:
+            self.loss_fn = build_loss(self.cfg.loss)
 
     @property
     def is_main(self) -> bool:
@@ -125,12 +133,6 @@ def build_accelerator(cfg: Config):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     return acc
-
-
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits over the (sample, class) entries whose mask is 1."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")  # (B, C)
-    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _prepare_output_dir(cfg: Config) -> Path:
@@ -187,6 +189,7 @@ def build_run(cfg: Config) -> Run:
                           "BatchNorm statistics stay per process")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = build_ema(model, cfg.train.ema_decay, acc.device)  # a copy of the unprepared model (ema.py)
     optimizer = optim.build_optimizer(cfg, model, acc.num_processes)
     scheduler = optim.build_scheduler(cfg, optimizer)
     if cfg.model.compile:
@@ -194,7 +197,7 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
-               tracker, TrainState(), manifest_sha256=tracking.manifest_digest(cfg.data.shards))
+               tracker, TrainState(), manifest_sha256=tracking.manifest_digest(cfg.data.shards), ema=ema)
 
 
 # --------------------------------------------------------------------------- epoch loop
@@ -244,7 +247,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     warmup = optim.Warmup(cfg.optim.warmup_epochs, steps_total)
     skip_batches = run.state.step_in_epoch * accum  # data position after a mid-epoch resume
     model.train()
-    loss_sum = torch.zeros((), device=acc.device)
+    plain = unwrap(acc, model)  # what the EMA averages
+    # summed over the non-ignored entries and counted (losses.py's scale), float64: exact counts
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    count_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     seen = skipped = 0
     t0 = time.perf_counter()
     bar = tqdm(total=steps_total, initial=run.state.step_in_epoch, disable=not run.is_main,
@@ -258,14 +264,19 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
         with ctx:
             logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
-            loss = masked_bce(logits, batch.targets, batch.mask)
+            entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C) float32
+            count = batch.mask.sum()
+            loss = entries.sum() / count.clamp_min(1.0)   # mean over the non-ignored entries
             acc.backward(loss / window)
-        loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        loss_sum += torch.nan_to_num(entries.detach().sum(), nan=0.0, posinf=0.0, neginf=0.0)
+        count_sum += count
         seen += batch.images.shape[0]
         if not last_micro:
             continue
         if _optimizer_step(run, warmup):
             run.state.bad_steps = 0
+            if run.ema is not None:  # applied steps only: a skipped step never reaches the EMA
+                run.ema.update_parameters(plain)
         else:
             run.state.bad_steps += 1
             run.state.skipped_steps += 1
@@ -290,8 +301,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             save_checkpoint(run)
     bar.close()
     dt = time.perf_counter() - t0
-    micro = max(1, min(n_batches, len(loader)) - skip_batches)
-    mean_loss = acc.reduce(loss_sum, reduction="mean").item() / micro
+    total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
+    mean_loss = total / count if count else float("nan")
     images_per_s = seen * acc.num_processes / max(dt, 1e-9)
     return {"train_loss": mean_loss, "images_per_s": images_per_s, "epoch_time_s": dt,
             "skipped_steps": skipped}
@@ -352,15 +363,25 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
                                 "the model's validation scores are not finite after this epoch")
             record.update(val_loss=val["loss"], val_mAP=val["mAP"], lr=run.optimizer.param_groups[0]["lr"],
                           head_lr=run.optimizer.param_groups[-1]["lr"])
+            if run.ema is not None:
+                sync_buffers(run.ema, acc)
+                ema_val = evaluate(run, run.val_loader, val_labels, desc=f"val ema {epoch}", model=run.ema.module)
+                record.update(val_loss_ema=ema_val["loss"], val_mAP_ema=ema_val["mAP"])
             if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 run.scheduler.step(val["loss"])
             elif run.scheduler is not None:
                 run.scheduler.step()
-            value = record[cfg.train.select_metric]
+            value, source = record[cfg.train.select_metric], "raw"
+            if run.ema is not None:  # the EMA competes with the raw weights for "best"
+                if _improved(cfg, record[cfg.train.select_metric + "_ema"], value):
+                    value, source = record[cfg.train.select_metric + "_ema"], "ema"
+                record["select_source"] = source
             if _improved(cfg, value, run.state.best_value):
                 run.state.best_value, run.state.best_epoch, run.state.bad_epochs = value, epoch, 0
+                run.state.best_source = source
                 if run.is_main:  # a candidate until the checkpoint below names it (publish_best)
-                    checkpoint.save_weights(unwrap(acc, run.model).state_dict(), best_file(out, epoch))
+                    weights = run.ema.module if source == "ema" else unwrap(acc, run.model)
+                    checkpoint.save_weights(weights.state_dict(), best_file(out, epoch))
             else:
                 run.state.bad_epochs += 1
             record["best_" + cfg.train.select_metric] = run.state.best_value
@@ -392,6 +413,7 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     """Best weights -> val/test scores, thresholds tuned on val, files in the run directory."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
     last_digest = check_ranks_in_sync(acc, run.model)
+    ema_digest = check_ema_in_sync(run.ema, acc) if run.ema is not None else None  # as the weights do
     publish_best(run)
     acc.wait_for_everyone()
     best = out / rundir.BEST_MODEL
@@ -403,7 +425,10 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     result: dict = {"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.history),
                     "select_metric": cfg.train.select_metric, "world_size": acc.num_processes,
                     "global_batch_size": optim.global_batch_size(cfg, acc.num_processes),
-                    "skipped_steps": run.state.skipped_steps, "param_digest": last_digest}
+                    "skipped_steps": run.state.skipped_steps, "param_digest": last_digest,
+                    "best_source": run.state.best_source}
+    if ema_digest is not None:
+        result["ema_digest"] = ema_digest
     thresholds = None
     for name, (loader, split) in splits.items():
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
