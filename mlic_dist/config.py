@@ -490,3 +490,10 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             rows.append((prefix + f.name, repr(getattr(inst, f.name)), docs.get(f.name, "")))
     return rows
 
+
+
+def key_table() -> str:
+    """The README's configuration table (Markdown), one row per key from `describe()`."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in describe()]
+    return "\n".join(rows)

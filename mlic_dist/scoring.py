@@ -29,16 +29,19 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None)
     was_training = model.training
     model.eval()
     ids, probs, loss_sums, counts = [], [], [], []
-    for batch in tqdm(loader, total=len(loader), desc=desc, disable=not acc.is_main_process,
-                      dynamic_ncols=True, leave=False):
-        with acc.autocast():  # the prepared model has it already; an EMA copy does not
-            logits = model(batch.images).float()  # (B, C)
-        entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C), 0 where ignored
-        keep = batch.ids >= 0
-        ids.append(batch.ids[keep].cpu())
-        probs.append(torch.sigmoid(logits[keep]).cpu())
-        loss_sums.append(entries[keep].double().sum(1).cpu())  # (B',) per-sample sums
-        counts.append(batch.mask[keep].sum(1).cpu())            # (B',) non-ignored entries
+    # `with`: the bar is closed on errors too, so an error message starts a line of its own
+    with tqdm(total=len(loader), desc=desc, disable=not acc.is_main_process, dynamic_ncols=True,
+              leave=False) as bar:
+        for batch in loader:
+            with acc.autocast():  # the prepared model has it already; an EMA copy does not
+                logits = model(batch.images).float()  # (B, C)
+            entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C), 0 where ignored
+            keep = batch.ids >= 0
+            ids.append(batch.ids[keep].cpu())
+            probs.append(torch.sigmoid(logits[keep]).cpu())
+            loss_sums.append(entries[keep].double().sum(1).cpu())  # (B',) per-sample sums
+            counts.append(batch.mask[keep].sum(1).cpu())            # (B',) non-ignored entries
+            bar.update(1)
     local = tuple(torch.cat(x).numpy() for x in (ids, probs, loss_sums, counts))
     parts = gather(acc, local)
     all_ids, all_probs, all_sums, all_counts = (np.concatenate([p[k] for p in parts]) for k in range(4))

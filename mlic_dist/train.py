@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, optim, rundir, tracking
 from .config import Config, flatten, load_config, to_dict
-from .data import build_loader, read_manifest
+from .data import ShardDataError, build_loader, read_manifest
 from .data.labels import read_split_labels
 from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
@@ -179,7 +179,7 @@ def build_run(cfg: Config) -> Run:
         test_loader = None  # built now so a split too small for the world size fails before training
         if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
             test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardDataError) as e:
         raise UserError(str(e)) from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
@@ -255,51 +255,52 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(total=steps_total, initial=run.state.step_in_epoch, disable=not run.is_main,
                desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
-    for i, batch in enumerate(itertools.islice(loader, n_batches)):
-        if i < skip_batches:  # the loaders replay an epoch exactly, so skipping restores the position
-            continue
-        last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
-        # A short last window (n_batches not a multiple of accum) averages over its own size.
-        window = min(accum, n_batches - (i // accum) * accum)
-        ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
-        with ctx:
-            logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
-            entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C) float32
-            count = batch.mask.sum()
-            loss = entries.sum() / count.clamp_min(1.0)   # mean over the non-ignored entries
-            acc.backward(loss / window)
-        loss_sum += torch.nan_to_num(entries.detach().sum(), nan=0.0, posinf=0.0, neginf=0.0)
-        count_sum += count
-        seen += batch.images.shape[0]
-        if not last_micro:
-            continue
-        if _optimizer_step(run, warmup):
-            run.state.bad_steps = 0
-            if run.ema is not None:  # applied steps only: a skipped step never reaches the EMA
-                run.ema.update_parameters(plain)
-        else:
-            run.state.bad_steps += 1
-            run.state.skipped_steps += 1
-            skipped += 1
-            if run.state.bad_steps >= cfg.train.max_nonfinite_steps:
-                bar.close()
-                raise _diverged(run, epoch, run.state.step_in_epoch + 1,
-                                f"the loss or its gradients were non-finite for {run.state.bad_steps} "
-                                f"optimizer steps in a row (skipped, not applied)")
-        run.state.step_in_epoch += 1
-        run.state.global_step += 1
-        if run.state.step_in_epoch % cfg.train.log_every_steps == 0 or run.state.step_in_epoch == steps_total:
-            dt = time.perf_counter() - t0
-            lr = run.optimizer.param_groups[0]["lr"]
-            imgs = seen * acc.num_processes / max(dt, 1e-9)
-            loss_now = loss.item()  # the one extra host sync of a logging step
-            bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs:.1f}")
-            run.tracker.log_metrics({"train_loss_step": loss_now}, step=run.state.global_step, step_level=True)
-        bar.update(1)
-        every = cfg.train.checkpoint_every_steps
-        if every and run.state.step_in_epoch % every == 0 and run.state.step_in_epoch < steps_total:
-            save_checkpoint(run)
-    bar.close()
+    try:  # the bar is closed on errors too: the error line must start a line of its own
+        for i, batch in enumerate(itertools.islice(loader, n_batches)):
+            if i < skip_batches:  # the loaders replay an epoch exactly, so skipping restores the position
+                continue
+            last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
+            # A short last window (n_batches not a multiple of accum) averages over its own size.
+            window = min(accum, n_batches - (i // accum) * accum)
+            ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
+            with ctx:
+                logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
+                entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C) float32
+                count = batch.mask.sum()
+                loss = entries.sum() / count.clamp_min(1.0)   # mean over the non-ignored entries
+                acc.backward(loss / window)
+            loss_sum += torch.nan_to_num(entries.detach().sum(), nan=0.0, posinf=0.0, neginf=0.0)
+            count_sum += count
+            seen += batch.images.shape[0]
+            if not last_micro:
+                continue
+            if _optimizer_step(run, warmup):
+                run.state.bad_steps = 0
+                if run.ema is not None:  # applied steps only: a skipped step never reaches the EMA
+                    run.ema.update_parameters(plain)
+            else:
+                run.state.bad_steps += 1
+                run.state.skipped_steps += 1
+                skipped += 1
+                if run.state.bad_steps >= cfg.train.max_nonfinite_steps:
+                    raise _diverged(run, epoch, run.state.step_in_epoch + 1,
+                                    f"the loss or its gradients were non-finite for {run.state.bad_steps} "
+                                    f"optimizer steps in a row (skipped, not applied)")
+            run.state.step_in_epoch += 1
+            run.state.global_step += 1
+            if run.state.step_in_epoch % cfg.train.log_every_steps == 0 or run.state.step_in_epoch == steps_total:
+                dt = time.perf_counter() - t0
+                lr = run.optimizer.param_groups[0]["lr"]
+                imgs = seen * acc.num_processes / max(dt, 1e-9)
+                loss_now = loss.item()  # the one extra host sync of a logging step
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs:.1f}")
+                run.tracker.log_metrics({"train_loss_step": loss_now}, step=run.state.global_step, step_level=True)
+            bar.update(1)
+            every = cfg.train.checkpoint_every_steps
+            if every and run.state.step_in_epoch % every == 0 and run.state.step_in_epoch < steps_total:
+                save_checkpoint(run)
+    finally:
+        bar.close()
     dt = time.perf_counter() - t0
     total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
     mean_loss = total / count if count else float("nan")
@@ -470,14 +471,14 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None) -> None:
-    """User errors: one line, status 2. Divergence: one line, status 1. Both on every rank."""
+    """User errors and damaged shards: one line, status 2. Divergence: one line, status 1."""
     try:
         train(parse_args(argv))
-    except (UserError, DivergenceError) as e:
+    except (UserError, ShardDataError, DivergenceError) as e:
         # one write: several ranks print at once, and their lines must not interleave
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
-        sys.exit(2 if isinstance(e, UserError) else 1)
+        sys.exit(1 if isinstance(e, DivergenceError) else 2)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,15 @@ def test_every_config_file_loads(path):
         load_sweep_config(path)
     else:
         load_config(path)
+
+
+def test_readme_key_table_is_the_config():
+    """Every key a user can type is in the README with its default and meaning (and no stale one)."""
+    from pathlib import Path
+
+    from mlic_dist.config import key_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- config-keys")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-keys -->")].strip()
+    assert block == key_table(), "regenerate the README table with mlic_dist.config.key_table()"

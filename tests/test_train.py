@@ -349,3 +349,19 @@ def test_a_user_error_ends_every_rank_cleanly(shards, tmp_path, free_port):
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:") and "resnet1001" in ln]
     assert len(errors) == 2, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_garbled_jpeg_stops_training_with_its_shard_and_key(shards, tmp_path, loader):
+    import shutil
+
+    from shard_fixtures import garble_sample
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    tar, key = garble_sample(data, "train", shard=1, sample=2)
+    p = _cli([sys.executable, "-m", "mlic_dist.train", *overrides(data, tmp_path / "run", **{
+        "data.loader": loader, "tracking.enabled": False, "train.epochs": 1})], tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert tar.name in line and key in line and "shard verify" in line
