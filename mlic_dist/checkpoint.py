@@ -4,6 +4,7 @@ A checkpoint is a directory `OUTPUT/checkpoints/e{epoch:04d}-s{step:07d}/` (epoc
 optimizer steps done in it; `-s0000000` is an epoch boundary) holding
   state.pt        model, optimizer, scheduler, grad scaler, trainer state (rank 0 writes it)
   rng-{rank}.pt   each rank's Python / NumPy / torch RNG states
+  meta.json       small facts readable without torch (e.g. the best epoch the state names)
 It is written under a temporary name and renamed when complete (a rename is atomic on POSIX),
 so a directory with the final name is always whole; a killed write leaves only a `.tmp-*`
 directory, which the next save removes. `latest()` returns the newest complete checkpoint.
@@ -13,6 +14,7 @@ Everything is stored as tensors, numbers, strings, lists and dicts, so loading w
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -80,7 +82,8 @@ def _to_plain(x):
 
 
 def save(output_dir: str | Path, *, epoch: int, step: int, rank: int, world_size: int,
-         payload: dict | None, barrier, keep: int = 2, protect: tuple[Path, ...] = ()) -> Path:
+         payload: dict | None, barrier, keep: int = 2, protect: tuple[Path, ...] = (),
+         meta: dict | None = None) -> Path:
     """Write a checkpoint atomically; every rank calls this (rank 0 passes `payload`).
 
     `barrier` synchronises the ranks (e.g. `accelerator.wait_for_everyone`), so the rename
@@ -101,6 +104,7 @@ def save(output_dir: str | Path, *, epoch: int, step: int, rank: int, world_size
         payload["world_size"] = world_size
         payload["saved_at"] = time.time()
         _atomic_torch_save(payload, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta or {}))
     barrier()
     if rank == 0:
         _fsync_dir(tmp)
@@ -124,6 +128,26 @@ def load(path: str | Path, rank: int, map_location="cpu") -> tuple[dict, dict | 
     rng_file = path / f"rng-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     return state, rng
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json ({} for checkpoints written before it existed)."""
+    f = Path(path) / "meta.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def remove_after(output_dir: str | Path, keep_up_to: Path) -> list[Path]:
+    """Delete the checkpoints newer than `keep_up_to` (a resume from an older one, or an epoch
+    restart: the abandoned trajectory's checkpoints must not win the next `resume=auto`)."""
+    order = tuple(int(x) for x in _NAME.match(Path(keep_up_to).name).groups())
+    gone = [p for p in list_checkpoints(output_dir)
+            if tuple(int(x) for x in _NAME.match(p.name).groups()) > order]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def save_weights(model_state: dict, path: str | Path) -> None:

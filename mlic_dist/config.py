@@ -305,6 +305,24 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+# What a key means to a resume (mlic_dist/resume.py). Keys in neither set change what a run
+# means (learning rates, sizes, augmentation, model, data...): a resume refuses a change to them
+# unless train.resume_accept names them. A new key is "meaning" until it is listed here.
+RESUME_FREE = frozenset({
+    # how long, how often, where to: may change between the runs of one training
+    "train.epochs", "train.early_stopping", "train.output_dir", "train.resume", "train.resume_accept",
+    "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.eval_test", "train.max_nonfinite_steps", "data.eval_batch_size_per_gpu", "data.test_split",
+    "data.shards",  # the path may move; resume compares the data's content digest instead
+    # speed knobs that leave the numbers alone
+    "model.compile", "model.channels_last", "train.ddp_bucket_cap_mb",
+    "train.ddp_gradient_as_bucket_view", "train.ddp_static_graph",
+})
+RESUME_FREE_PREFIXES = ("tracking.",)
+# The data position inside an epoch is exact only under the same values (and process count).
+RESUME_REPLAY = frozenset({"data.loader", "data.num_workers", "data.shuffle_buffer"})
+
+
 # --------------------------------------------------------------------------- building
 
 

@@ -1,8 +1,9 @@
-"""The two kinds of failure a user must be able to tell apart.
+"""The kinds of failure a user must be able to tell apart.
 
-`UserError`: bad input (a config value, a missing or unwritable path, an unknown backbone). Every
-CLI prints its message as one line, `error: ...`, and exits with status 2, with no traceback; the
-message names the key, file or value at fault and the fix.
+`UserError`: bad input (a config value, a missing or unwritable path, an unknown backbone, a
+damaged shard: `ShardDataError`). Every CLI prints its message as one line, `error: ...`, and
+exits with status 2, with no traceback; the message names the key, file or value at fault and the
+fix.
 `DivergenceError`: training itself failed (non-finite losses); the message names the epoch, the
 step and the last good checkpoint; the trainer exits with status 1.
 """
@@ -11,6 +12,12 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input; the message says what was wrong, the value received and the fix."""
+
+
+class ShardDataError(UserError, RuntimeError):
+    """A shard file is truncated, inconsistent or holds a sample that cannot be read or decoded.
+
+    The message is one line: the file, the sample key where known, what is wrong and the fix."""
 
 
 class DivergenceError(RuntimeError):

@@ -34,21 +34,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def local_store_path(uri: str) -> Optional[Path]:
-    """The file behind a `sqlite:///PATH` URI (None for anything else)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
-    return None
-
-
 class MlflowServer:
     def __init__(self, backend_uri: str, artifacts: str | Path | None = None, host: str = "127.0.0.1",
                  port: int = 0, log_file: str | Path | None = None, workers: int = 1,
                  startup_timeout_s: float = 90.0):
+        from .tracking import local_store
+
         self.backend_uri = backend_uri
-        store = local_store_path(backend_uri)
+        store = local_store(backend_uri)
         if artifacts is None:
-            artifacts = (store.parent if store else Path.cwd()) / "mlartifacts"
+            artifacts = store[1] if store else Path.cwd() / "mlartifacts"
         self.artifacts = Path(artifacts).resolve()
         self.host, self.port = host, port or free_port(host)
         self.log_file = Path(log_file) if log_file else None
@@ -66,12 +61,9 @@ class MlflowServer:
         cmd = [str(mlflow_bin) if mlflow_bin.is_file() else "mlflow", "server",
                "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
-        store = local_store_path(self.backend_uri)
-        if store is not None:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            from .tracking import init_sqlite_store
+        from .tracking import init_sqlite_store
 
-            init_sqlite_store(self.backend_uri)   # schema created once, under a lock
+        init_sqlite_store(self.backend_uri)   # a local store's schema, created once under a lock
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")

@@ -1,6 +1,7 @@
 """Saving a training run's state, and resuming it without silently changing what it means.
 
-A resume compares the command's config with the one the checkpoint was written with:
+A resume compares the command's config with the one the checkpoint was written with (the key
+classes are config.py's RESUME_FREE / RESUME_REPLAY):
   - FREE keys (how long, how often, where to log, performance knobs) may change; the change is
     recorded (resumes.jsonl, MLflow tags).
   - REPLAY keys (which loader, its workers, its shuffle buffer) and the number of processes may
@@ -23,18 +24,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import checkpoint, optim, rundir
-from .config import Config, config_from_dict, flatten, to_dict
+from .config import (RESUME_FREE, RESUME_FREE_PREFIXES, RESUME_REPLAY, ConfigError, config_from_dict,
+                     flatten, to_dict)
 from .distributed import unwrap
 from .errors import UserError
 
-FREE = {"train.epochs", "train.early_stopping", "train.output_dir", "train.resume", "train.resume_accept",
-        "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-        "train.eval_test", "train.max_nonfinite_steps", "data.eval_batch_size_per_gpu",
-        "data.test_split", "data.shards", "model.compile", "train.ddp_bucket_cap_mb",
-        "train.ddp_gradient_as_bucket_view", "train.ddp_static_graph"}
-FREE_PREFIXES = ("tracking.",)
-REPLAY = {"data.loader", "data.num_workers", "data.shuffle_buffer"}
 RESUMES = "resumes.jsonl"
 
 
@@ -52,10 +49,15 @@ class Resumed:
 
 def config_changes(old: dict, new: dict) -> dict:
     """Flat key -> [old value, new value] for every key that differs (nested plain dicts in).
-    A key the old config lacks (written before the key existed) had its default value."""
-    a, b = flatten(old), flatten(new)
-    defaults = flatten(to_dict(Config()))
-    a.update({k: defaults[k] for k in b if k not in a and k in defaults})
+    Both are read through today's schema first, so keys added since a checkpoint was written
+    compare at their defaults (a checkpoint from an older version still resumes)."""
+    def normal(cfg: dict) -> dict:
+        try:
+            return to_dict(config_from_dict(cfg))
+        except ConfigError:   # a key that no longer exists: compare what is there
+            return cfg
+
+    a, b = flatten(normal(old)), flatten(normal(new))
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -75,7 +77,7 @@ def check_changes(changed: dict, accept: str, same_data: bool, ckpt: Path) -> No
     for key, (old, new) in changed.items():
         if key == "data.shards":
             continue
-        elif key in FREE or key.startswith(FREE_PREFIXES) or key in REPLAY:
+        elif key in RESUME_FREE or key.startswith(RESUME_FREE_PREFIXES) or key in RESUME_REPLAY:
             continue
         elif allowed is None or key in allowed:
             continue
@@ -105,9 +107,13 @@ def save_checkpoint(run) -> Path:
             "config": to_dict(run.cfg),
             "manifest_sha256": run.manifest_sha256,
         }
+    # Saved during a non-finite streak: the last good checkpoint survives pruning (a divergence
+    # names it as the place to go back to).
+    protect = (run.last_good_checkpoint,) if run.state.bad_steps and run.last_good_checkpoint else ()
     path = checkpoint.save(run.out, epoch=run.state.epoch, step=run.state.step_in_epoch,
                            rank=acc.process_index, world_size=acc.num_processes, payload=payload,
-                           barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints)
+                           barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints,
+                           protect=protect, meta={"best_epoch": run.state.best_epoch})
     if run.state.bad_steps == 0:
         run.last_good_checkpoint = path
     return path
@@ -123,7 +129,8 @@ def publish_best(run) -> None:
     New best weights are written as checkpoints/best-eNNNN.pt *before* the checkpoint whose
     state names them, and published here *after* it: a crash anywhere in between leaves either
     an unreferenced candidate (deleted here on resume) or a stale best_model.pt (replaced here),
-    never a best_model.pt that disagrees with the state."""
+    never a best_model.pt that disagrees with the state. A candidate that a kept checkpoint still
+    names stays (resuming that older checkpoint needs it)."""
     if not run.is_main or run.state.best_epoch < 0:
         return
     src = best_file(run.out, run.state.best_epoch)
@@ -133,8 +140,10 @@ def publish_best(run) -> None:
         # change the file the checkpoint refers to.
         shutil.copyfile(src, tmp)
         os.replace(tmp, run.out / rundir.BEST_MODEL)
+    named = {run.state.best_epoch} | {checkpoint.read_meta(c).get("best_epoch")
+                                      for c in checkpoint.list_checkpoints(run.out)}
     for p in (run.out / rundir.CHECKPOINTS).glob("best-e*.pt"):
-        if p != src:
+        if int(p.stem[len("best-e"):]) not in named:
             p.unlink(missing_ok=True)
 
 
@@ -155,7 +164,7 @@ def maybe_resume(run) -> Resumed | None:
     old_world = int(state.get("world_size", acc.num_processes))
     info = Resumed(path, changed, old_world)
     mid_epoch = int(state["trainer"].get("step_in_epoch", 0)) > 0
-    replay_changed = sorted(set(changed) & REPLAY)
+    replay_changed = sorted(set(changed) & RESUME_REPLAY)
     if mid_epoch and (old_world != acc.num_processes or replay_changed):
         why = (f"{old_world} -> {acc.num_processes} processes" if old_world != acc.num_processes
                else ", ".join(replay_changed) + " changed")
@@ -170,6 +179,9 @@ def maybe_resume(run) -> Resumed | None:
         else:
             warnings.warn(f"{path} is mid-epoch {epoch} and {why}, and no checkpoint marks that "
                           f"epoch's start: training restarts from scratch")
+            if run.is_main:   # the abandoned start must not be resumed next time
+                for c in checkpoint.list_checkpoints(run.out):
+                    shutil.rmtree(c, ignore_errors=True)
             _record(run, info)
             return info
     unwrap(acc, run.model).load_state_dict(state["model"])
@@ -185,6 +197,9 @@ def maybe_resume(run) -> Resumed | None:
         warnings.warn(f"{path} holds no weight EMA (train.ema_decay was 0 when it was written): the EMA "
                       f"starts from the resumed weights")
     run.state = type(run.state)(**state["trainer"])
+    _find_best_weights(run, path)
+    if run.is_main and path.parent == checkpoint.checkpoint_dir(run.out):
+        checkpoint.remove_after(run.out, path)   # the abandoned trajectory must not win next time
     _apply_optimizer_changes(run, old_cfg, old_world)
     if rng is not None and old_world == acc.num_processes and not info.restarted_epoch:
         checkpoint.set_rng_state(rng)
@@ -200,6 +215,23 @@ def maybe_resume(run) -> Resumed | None:
         print(f"resumed from {path} (epoch {run.state.epoch}, step {run.state.step_in_epoch}){extra}",
               flush=True)
     return info
+
+
+def _find_best_weights(run, path: Path) -> None:
+    """The best weights the restored state names: in this run's checkpoints/, or beside the
+    checkpoint resumed from (train.resume=PATH into another run directory, copied in). When they
+    are gone, selection restarts rather than scoring weights the state does not describe."""
+    epoch = run.state.best_epoch
+    if epoch < 0:
+        return
+    mine, beside = best_file(run.out, epoch), path.parent / best_file(run.out, epoch).name
+    if mine.is_file() or beside.is_file():   # decided before any copy: every rank agrees
+        if run.is_main and not mine.is_file():
+            checkpoint.save_weights(torch.load(beside, map_location="cpu", weights_only=True), mine)
+        return
+    warnings.warn(f"{path} names the weights of epoch {epoch} as its best, and they are gone "
+                  f"(neither {mine} nor {beside} exists): model selection restarts from here")
+    run.state.best_value, run.state.best_epoch, run.state.bad_epochs = float("nan"), -1, 0
 
 
 def _apply_optimizer_changes(run, old_cfg: dict, old_world: int) -> None:

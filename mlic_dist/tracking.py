@@ -15,14 +15,15 @@ no tracking call runs on the training loop's critical path:
     answered (a local store is waited for: its locks pass; a local store that cannot be created
     at all turns tracking off with a warning).
   - The run directory always holds everything (history.jsonl, metrics.json, scores); a run whose
-    tracking failed is re-logged later with `python -m mlic_dist.tracking relog RUN_DIR`.
+    tracking failed is re-logged later with `python -m mlic_dist.relog RUN_DIR` (relog.py).
 `tracking.json` in the run directory records the MLflow run once it exists (resume re-opens it).
 MLflow is imported lazily (in the thread), so a trainer without it runs with tracking off.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
+import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -34,15 +35,11 @@ from typing import Optional
 
 from .config import TrackingConfig
 
-# Fail fast on a dead server: MLflow's HTTP client otherwise retries with backoff for minutes.
-# The thread retries on its own schedule.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
 # MLflow errors that retrying cannot fix (the request itself is wrong): the op is dropped.
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS",
                     "INVALID_STATE", "MALFORMED_REQUEST"}
-_DOWN_GRACE_S = 3.0   # how long finish() waits for MLflow when it is not answering
+_DOWN_GRACE_S = 3.0    # how long finish() waits for a server that is down or never answered
+_STUCK_S = 20.0        # ... or that holds one call this long (MLflow's own HTTP retries)
 
 
 def default_uri() -> str:
@@ -53,24 +50,34 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+def local_store(uri: str) -> Optional[tuple[Path, Path]]:
+    """(database file, artifact folder beside it) for a `sqlite:///PATH` URI, else None: the one
+    place that knows where a local store keeps its artifacts."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db, (db.parent / "mlartifacts").resolve()
+
+
 def init_sqlite_store(uri: str) -> None:
     """Create a fresh SQLite store's schema once, under an exclusive file lock.
 
     MLflow creates the tables (dozens of Alembic migrations) the first time a client opens a new
     store; several processes doing that at once race, and the half-migrated database then breaks
     every later run. The lock serialises the first open; later opens find the schema and skip it."""
-    if not uri.startswith("sqlite:///"):
+    store = local_store(uri)
+    if store is None:
         return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
+    db, artifacts = store
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(f".{db.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-            SqlAlchemyStore(uri, (db.parent / "mlartifacts").resolve().as_uri())
+            SqlAlchemyStore(uri, artifacts.as_uri())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -80,10 +87,8 @@ def ensure_experiment(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifact_location = None
-    uri = str(getattr(client, "tracking_uri", ""))
-    if uri.startswith("sqlite:///"):
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    store = local_store(str(getattr(client, "tracking_uri", "")))
+    artifact_location = store[1].as_uri() if store else None
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # another process created it first
@@ -118,17 +123,19 @@ def final_metrics(result: dict) -> dict:
 
 def code_version_tags() -> dict:
     """MLflow's source tags for the code that runs: the git commit of the mlic_dist checkout
-    (`mlflow.source.git.commit`, plus whether the tree had uncommitted changes), else the
-    installed package version."""
+    (`mlflow.source.git.commit`, plus whether its tracked files had uncommitted changes), else
+    the installed package version. Read-only: git takes no index lock (GIT_OPTIONAL_LOCKS=0), so
+    many trainers starting from one checkout never contend with each other or the user's git."""
     pkg = Path(__file__).resolve().parent
     tags = {"mlflow.source.name": "mlic_dist", "mlflow.source.type": "LOCAL"}
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
         commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5)
+                                text=True, timeout=5, env=env)
         if commit.returncode == 0:
             tags["mlflow.source.git.commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--", str(pkg)],
-                                   capture_output=True, text=True, timeout=5)
+            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no",
+                                    "--", str(pkg)], capture_output=True, text=True, timeout=5, env=env)
             tags["mlic.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
             return tags
     except (OSError, subprocess.SubprocessError):
@@ -140,23 +147,6 @@ def code_version_tags() -> dict:
     except Exception:  # noqa: BLE001 - not installed as a distribution
         pass
     return tags
-
-
-def manifest_digest(shards_dir: str | Path) -> Optional[str]:
-    """A digest of the data a run trains on: sha256 over the manifest's classes and, per split,
-    its shards' sha256 and sample counts (not its timings or paths: re-sharding the same data
-    elsewhere gives the same digest). None without a manifest."""
-    path = Path(shards_dir) / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        content = {"classes": doc["classes"],
-                   "splits": {name: [[s.get("sha256"), s.get("num_samples")] for s in info["shards"]]
-                              for name, info in sorted(doc["splits"].items())}}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -172,6 +162,9 @@ class Tracker:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.active = active and cfg.enabled
+        if self.active and importlib.util.find_spec("mlflow") is None:
+            warnings.warn("mlflow is not installed: tracking is off (the run directory holds everything)")
+            self.active = False
         self.retry_s = retry_s
         self.max_queue = max_queue
         self.uri = resolve_uri(cfg.uri)
@@ -186,7 +179,9 @@ class Tracker:
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._busy = False          # the thread is executing an op
+        self._op_since = 0.0        # when the op in flight started
         self._closed = False
+        self._abandoned = False     # finish() gave up: the thread stops at its next chance
         self._warned: set[str] = set()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()   # the run exists, or starting it failed for good
@@ -226,8 +221,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> bool:
         """End the run and flush: up to `tracking.flush_timeout_s` while MLflow answers, a few
-        seconds when it does not (down, or a server that never answered). Returns True when
-        MLflow received everything; otherwise warns how to re-log the run directory."""
+        seconds when a server is down, never answered, or sits on one call. Returns True when
+        MLflow received everything; otherwise warns how to re-log the run directory, and the
+        thread stops (it would otherwise log behind the user's back, or leak in a long-lived
+        process such as a reused Ray worker)."""
         if not self.active or self._thread is None:
             return True
         self._put(("end", status))
@@ -239,30 +236,21 @@ class Tracker:
         while self._thread.is_alive() and time.time() < deadline:
             self._thread.join(0.2)
             # A local store that failed (locked by other writers) recovers: wait. A server that
-            # is down or never answered gets a few seconds, then the run directory is the record.
-            unreachable = self._remote and (self.down or not self.answered)
+            # is down, never answered, or sits on one call gets a few seconds.
+            stuck = self._busy and time.time() - self._op_since > _STUCK_S
+            unreachable = self._remote and (self.down or not self.answered or stuck)
             if unreachable and time.time() > closed_at + _DOWN_GRACE_S:
                 break
+        with self._cv:
+            self._abandoned = True
+            self._cv.notify_all()
         complete = (not self._thread.is_alive() and self.dropped == 0 and not self.down
                     and self.run_id is not None)
         if not complete:
             warnings.warn(f"MLflow ({self.uri}) did not receive all of this run: everything is in "
-                          f"{self.run_dir}; log it later with `python -m mlic_dist.tracking relog "
+                          f"{self.run_dir}; log it later with `python -m mlic_dist.relog "
                           f"{self.run_dir}`", stacklevel=2)
         return complete
-
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until the queue is empty (True) or `timeout_s` passed (False)."""
-        if not self.active or self._thread is None:
-            return True
-        deadline = time.time() + (self.cfg.flush_timeout_s if timeout_s is None else timeout_s)
-        with self._cv:
-            while (self._queue or self._busy) and self._thread.is_alive():
-                left = deadline - time.time()
-                if left <= 0:
-                    return False
-                self._cv.wait(min(left, 0.2))
-        return True
 
     # ------------------------------------------------------------------ queue
 
@@ -295,10 +283,10 @@ class Tracker:
             with self._cv:
                 while not self._queue and not self._closed:
                     self._cv.wait()
-                if not self._queue:
+                if not self._queue or self._abandoned:
                     return
                 _, op = self._queue[0]
-                self._busy = True
+                self._busy, self._op_since = True, time.time()
             try:
                 if op[0] != "start" and self.run_id is None:
                     ok = True   # the start failed for good (warned): nothing to log to
@@ -313,6 +301,8 @@ class Tracker:
                 ok = True   # dropped: retrying cannot fix it
             except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
                 self.down = True
+                if self._abandoned:   # finish() already told the user how to relog
+                    return
                 self._warn_once("down", f"MLflow {op[0]} failed ({type(e).__name__}: {str(e)[:300]}); "
                                 f"training goes on, retrying in the background; everything is kept "
                                 f"in {self.run_dir}")
@@ -323,7 +313,7 @@ class Tracker:
                     self._queue.popleft()
                     backoff = 1.0
                 self._cv.notify_all()
-                if not ok:
+                if not ok and not self._abandoned:
                     if self._closed:
                         self._cv.wait(min(backoff, _DOWN_GRACE_S))
                     else:
@@ -334,11 +324,9 @@ class Tracker:
 
     def _client_for_uri(self):
         if self._client is None:
-            try:
-                from mlflow.exceptions import MlflowException
-                from mlflow.tracking import MlflowClient
-            except ImportError:
-                raise _Permanent("mlflow is not installed: tracking is off") from None
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
             try:
                 init_sqlite_store(self.uri)
             except Exception as e:  # noqa: BLE001 - "locked" is transient; the rest is a bad path
@@ -390,6 +378,7 @@ class Tracker:
                         "run_dir": str(self.run_dir.resolve())}
             if self.cfg.parent_run_id:
                 all_tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+            all_tags.update(code_version_tags())
             all_tags.update({k: str(v) for k, v in tags.items()})
             self.run_id = client.create_run(self.experiment_id, tags=all_tags).info.run_id
         if not self._params_logged:
@@ -423,13 +412,23 @@ class Tracker:
         from mlflow.entities import Metric
 
         batch = [Metric(k, v, ts, step) for k, v in items.items()]
-        # Later metric ops already queued go in the same request (one round trip, not many).
+        # Later metric calls already queued go in the same request (one round trip, not many).
+        # They leave the queue only once the request succeeded: a failure retries them all.
+        merged = []
         with self._cv:
-            while len(batch) < 900 and len(self._queue) > 1 and self._queue[1][1][0] == "metrics":
-                _, (_, more, mstep, mts) = self._queue[1]
+            for entry in itertools.islice(self._queue, 1, None):
+                if entry[1][0] != "metrics" or len(batch) >= 900:
+                    break
+                _, more, mstep, mts = entry[1]
                 batch += [Metric(k, v, mts, mstep) for k, v in more.items()]
-                del self._queue[1]
+                merged.append(entry)
         self._client.log_batch(self.run_id, metrics=batch)
+        if merged:
+            with self._cv:
+                done = {id(e) for e in merged}
+                kept = [e for e in self._queue if id(e) not in done]
+                self._queue.clear()
+                self._queue.extend(kept)
 
     def _op_artifacts(self, paths: list, artifact_path) -> None:
         for p in paths:
@@ -438,73 +437,3 @@ class Tracker:
 
     def _op_end(self, status: str) -> None:
         self._client.set_terminated(self.run_id, status)
-
-
-# --------------------------------------------------------------------------- relog
-
-
-def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = None,
-          flush_timeout_s: float = 600.0) -> str:
-    """Log a finished run directory to MLflow after the fact (its tracking failed, or it ran
-    with tracking off): params from config.yaml, per-epoch metrics from history.jsonl, final
-    metrics from metrics.json, the files as artifacts. Re-opens the run tracking.json names
-    when it still exists there. Returns the run id."""
-    from . import rundir
-    from .config import flatten
-
-    run = rundir.load_run(run_dir)
-    tcfg = dict((run.config or {}).get("tracking") or {})
-    tcfg.update(enabled=True, flush_timeout_s=flush_timeout_s)
-    if uri:
-        tcfg["uri"] = uri
-    if experiment:
-        tcfg["experiment"] = experiment
-    tracker = Tracker(TrackingConfig(**tcfg), run.path, retry_s=2.0)
-    previous = (run.tracking or {}).get("run_id")
-    run_id = tracker.start(flatten(run.config or {}), resume_run_id=previous, wait_s=60)
-    if run_id is None:
-        raise RuntimeError(f"MLflow at {tracker.uri} did not answer: nothing was logged")
-    logged = set()
-    if run_id == previous:  # a partly logged run: add only the epochs it lacks
-        from mlflow.tracking import MlflowClient
-
-        logged = {m.step for m in MlflowClient(tracker.uri).get_metric_history(run_id, "val_mAP")}
-    for record in run.history:
-        if record.get("epoch", 0) not in logged:
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record.get("epoch", 0))
-    if run.metrics:
-        tracker.log_metrics(final_metrics(run.metrics), step=len(run.history))
-    tracker.log_artifacts(rundir.artifact_files(run.path))
-    if (run.path / rundir.BEST_MODEL).is_file():
-        tracker.log_artifacts([run.path / rundir.BEST_MODEL])
-    if not tracker.finish("FINISHED" if run.metrics else "FAILED"):
-        raise RuntimeError(f"MLflow at {tracker.uri} did not take everything within {flush_timeout_s:.0f} s")
-    return run_id
-
-
-def main(argv=None) -> None:
-    """python -m mlic_dist.tracking relog RUN_DIR [--tracking-uri URI] [--experiment NAME]"""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m mlic_dist.tracking",
-                                description="Re-log a run directory to MLflow (after a tracking failure).")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("relog", help="log RUN_DIR's params, metrics and files as an MLflow run")
-    r.add_argument("run_dir", type=Path)
-    r.add_argument("--tracking-uri", help="MLflow URI (default: the run's tracking.uri, else ./mlflow.db)")
-    r.add_argument("--experiment", help="experiment name (default: the run's tracking.experiment)")
-    a = p.parse_args(argv)
-    try:
-        run_id = relog(a.run_dir, a.tracking_uri, a.experiment)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps({"run_id": run_id, "run_dir": str(a.run_dir)}))
-
-
-if __name__ == "__main__":
-    main()

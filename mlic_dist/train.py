@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, optim, rundir, tracking
 from .config import Config, flatten, load_config, to_dict
-from .data import ShardDataError, build_loader, read_manifest
+from .data import build_loader, read_manifest
+from .data.manifest import content_digest
 from .data.labels import read_split_labels
 from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
@@ -66,10 +67,21 @@ class TrainState:
     bad_steps: int = 0             # optimizer steps in a row with a non-finite loss/gradient
     skipped_steps: int = 0         # all such steps (skipped, not applied)
     history: list = field(default_factory=list)
+    # the epoch in progress so far (a mid-epoch resume continues its numbers, not just its data)
+    epoch_loss_sum: float = 0.0    # summed losses of the non-ignored entries, all ranks (losses.py)
+    epoch_loss_count: float = 0.0  # those entries, all ranks
+    epoch_seen: int = 0            # training images per rank
+    epoch_skipped: int = 0
+    epoch_time_s: float = 0.0
     best_source: str = "raw"       # raw | ema: which weights best_model.pt holds (train.ema_decay)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_seen, self.epoch_skipped, self.epoch_time_s = 0.0, 0, 0, 0.0
+        self.epoch_loss_count = 0.0
 
 
 @dataclass
@@ -179,7 +191,9 @@ def build_run(cfg: Config) -> Run:
         test_loader = None  # built now so a split too small for the world size fails before training
         if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
             test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardDataError) as e:
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         raise UserError(str(e)) from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
@@ -197,7 +211,8 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
-               tracker, TrainState(), manifest_sha256=tracking.manifest_digest(cfg.data.shards), ema=ema)
+               tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards),
+               ema=ema)
 
 
 # --------------------------------------------------------------------------- epoch loop
@@ -246,6 +261,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     steps_total = math.ceil(n_batches / accum)
     warmup = optim.Warmup(cfg.optim.warmup_epochs, steps_total)
     skip_batches = run.state.step_in_epoch * accum  # data position after a mid-epoch resume
+    st = run.state
+    prior = (st.epoch_loss_sum, st.epoch_seen, st.epoch_skipped, st.epoch_time_s,  # before a resume
+             st.epoch_loss_count)
     model.train()
     plain = unwrap(acc, model)  # what the EMA averages
     # summed over the non-ignored entries and counted (losses.py's scale), float64: exact counts
@@ -253,6 +271,13 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     count_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     seen = skipped = 0
     t0 = time.perf_counter()
+
+    def so_far() -> None:  # the epoch's numbers up to now, into the state a checkpoint saves
+        total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
+        st.epoch_loss_sum, st.epoch_loss_count = prior[0] + total, prior[4] + count
+        st.epoch_seen, st.epoch_skipped = prior[1] + seen, prior[2] + skipped
+        st.epoch_time_s = prior[3] + time.perf_counter() - t0
+
     bar = tqdm(total=steps_total, initial=run.state.step_in_epoch, disable=not run.is_main,
                desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
     try:  # the bar is closed on errors too: the error line must start a line of its own
@@ -298,15 +323,15 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             bar.update(1)
             every = cfg.train.checkpoint_every_steps
             if every and run.state.step_in_epoch % every == 0 and run.state.step_in_epoch < steps_total:
+                so_far()
                 save_checkpoint(run)
     finally:
         bar.close()
-    dt = time.perf_counter() - t0
-    total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
-    mean_loss = total / count if count else float("nan")
-    images_per_s = seen * acc.num_processes / max(dt, 1e-9)
-    return {"train_loss": mean_loss, "images_per_s": images_per_s, "epoch_time_s": dt,
-            "skipped_steps": skipped}
+    so_far()
+    images_per_s = st.epoch_seen * acc.num_processes / max(st.epoch_time_s, 1e-9)
+    train_loss = st.epoch_loss_sum / st.epoch_loss_count if st.epoch_loss_count else float("nan")
+    return {"train_loss": train_loss, "images_per_s": images_per_s,
+            "epoch_time_s": st.epoch_time_s, "skipped_steps": st.epoch_skipped}
 
 
 # --------------------------------------------------------------------------- fit
@@ -322,8 +347,7 @@ def _start_tracking(run: Run, resumed) -> None:
     cfg = run.cfg
     tags = {"backbone": cfg.model.backbone, "augment": cfg.data.augment, "size": cfg.data.size,
             "mlic.kind": "single", "mlic.world_size": run.accelerator.num_processes,
-            "mlic.global_batch_size": optim.global_batch_size(cfg, run.accelerator.num_processes),
-            **tracking.code_version_tags()}
+            "mlic.global_batch_size": optim.global_batch_size(cfg, run.accelerator.num_processes)}
     inputs = []
     if run.manifest_sha256:
         tags["mlic.data.manifest_sha256"] = run.manifest_sha256
@@ -345,7 +369,13 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     `epoch_hook(record)` is called on every rank after each epoch (Ray Tune reporting uses it).
     """
     run = build_run(cfg)
-    resumed = maybe_resume(run)
+    try:
+        resumed = maybe_resume(run)
+    except UserError:
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # a wrong path, another model's state
+        raise UserError(f"cannot resume from {cfg.train.resume if cfg.train.resume != 'auto' else cfg.train.output_dir}: "
+                        f"{e}") from None
     out, acc = run.out, run.accelerator
     if run.is_main:
         rundir.write_config(out, to_dict(cfg))
@@ -388,7 +418,7 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
             record["best_" + cfg.train.select_metric] = run.state.best_value
             run.state.history.append(record)
             run.state.stopped = bool(cfg.train.early_stopping) and run.state.bad_epochs >= cfg.train.early_stopping
-            run.state.epoch, run.state.step_in_epoch = epoch + 1, 0
+            run.state.next_epoch()
             save_checkpoint(run)
             publish_best(run)
             if run.is_main:
@@ -417,8 +447,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     ema_digest = check_ema_in_sync(run.ema, acc) if run.ema is not None else None  # as the weights do
     publish_best(run)
     acc.wait_for_everyone()
-    best = out / rundir.BEST_MODEL
-    if best.is_file():
+    if run.state.best_epoch >= 0:  # the weights the state names (resume made sure they exist)
+        best = best_file(out, run.state.best_epoch)
         unwrap(acc, run.model).load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     splits = {"val": (run.val_loader, cfg.data.val_split)}
     if run.test_loader is not None:
@@ -474,7 +504,7 @@ def main(argv=None) -> None:
     """User errors and damaged shards: one line, status 2. Divergence: one line, status 1."""
     try:
         train(parse_args(argv))
-    except (UserError, ShardDataError, DivergenceError) as e:
+    except (UserError, DivergenceError) as e:
         # one write: several ranks print at once, and their lines must not interleave
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()

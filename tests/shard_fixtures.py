@@ -499,3 +499,13 @@ def build_small_shards(out_dir, n_train=40, n_val=12, n_test=12, num_classes=4,
     shard("csv", csv_path, shards, images=out_dir / "src", samples_per_shard=samples_per_shard,
           seed=seed, progress=False, verbose=False)
     return shards
+
+
+def tiny_run_overrides(shards, out, **extra) -> list[str]:
+    """Dotted overrides for a seconds-long CPU training run on `build_small_shards` data: tiny_cnn
+    at 32 px, the torch loader, fp32, 2 epochs. `extra` adds or replaces keys (tracking, ...)."""
+    base = {"data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
+            "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
+            "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

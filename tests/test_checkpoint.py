@@ -35,8 +35,9 @@ def test_files_load_with_weights_only(tmp_path):
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     path = _save(tmp_path, 1, 0, {"model": torch.nn.Linear(2, 2).state_dict(), "optimizer": opt.state_dict(),
                                   "trainer": {"epoch": 1, "best_value": float("nan"), "history": [{"a": 1.0}]}})
-    for f in path.iterdir():
+    for f in path.glob("*.pt"):
         torch.load(f, weights_only=True)  # raises if anything needs unpickling code
+    assert checkpoint.read_meta(path) == {}  # meta.json is plain JSON, read without torch
 
 
 def test_rng_round_trip():

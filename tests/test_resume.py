@@ -14,7 +14,7 @@ import torch
 from mlic_dist.config import load_config
 from mlic_dist.errors import UserError
 from mlic_dist.resume import config_changes
-from shard_fixtures import build_small_shards
+from shard_fixtures import build_small_shards, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,7 @@ def shards(tmp_path_factory):
 
 
 def ov(shards, out, **extra):
-    base = {"data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
-            "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
-            "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out,
-            "tracking.enabled": False}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(shards, out, **{"tracking.enabled": False, **extra})
 
 
 def _ckpt_lr(out: Path) -> list:
@@ -163,3 +158,66 @@ def test_another_number_of_processes_mid_epoch_restarts_that_epoch(shards, tmp_p
     assert m["world_size"] == 2 and m["epochs_run"] == 2
     resumes = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
     assert resumes[-1]["world_size"] == [1, 2] and resumes[-1]["restarted_epoch"]
+
+
+def _best_epoch_weights(out: Path, epoch: int) -> dict:
+    return torch.load(out / "checkpoints" / f"best-e{epoch:04d}.pt", weights_only=True)
+
+
+def test_resume_into_another_directory_brings_the_best_weights_along(shards, tmp_path):
+    from mlic_dist.train import train
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    train(load_config(None, ov(shards, a, **{"train.epochs": 1})))
+    ckpt = a / "checkpoints" / "e0001-s0000000"
+    result = train(load_config(None, ov(shards, b, **{"train.epochs": 1, "train.resume": ckpt})))
+    # before: B had no best_model.pt and finalize silently scored the last weights
+    assert result["best_epoch"] == 0
+    best_a, best_b = torch.load(a / "best_model.pt", weights_only=True), torch.load(b / "best_model.pt", weights_only=True)
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    assert json.loads((a / "metrics.json").read_text())["val"]["mAP"] == pytest.approx(result["val"]["mAP"])
+
+
+def test_resuming_an_older_checkpoint_scores_the_best_weights_its_state_names(shards, tmp_path, monkeypatch):
+    """Go back to epoch 1's checkpoint after a run of 3 epochs whose best moved on: the best
+    candidate that checkpoint names was kept, later checkpoints are removed, and the final scores
+    come from the weights metrics.json reports."""
+    import mlic_dist.train as T
+
+    out = tmp_path / "run"
+    vals = iter([0.5, 0.9, 0.99, 0.1, 0.1])  # epochs 0..2, then (after going back) epochs 1..2 again
+    real = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda run, loader, labels, **kw: {**real(run, loader, labels), "mAP": next(vals)})
+    common = {"train.keep_checkpoints": 10, "train.epochs": 3}
+    T.train(load_config(None, ov(shards, out, **common)))
+    assert (out / "checkpoints" / "best-e0000.pt").is_file()  # named by e0001-s0000000
+    # e0001-s0000000 is the checkpoint after epoch 0 (its best: epoch 0)
+    result = T.train(load_config(None, ov(shards, out, **{**common, "train.resume": out / "checkpoints" / "e0001-s0000000"})))
+    assert result["best_epoch"] == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("e*")) == ["e0001-s0000000", "e0002-s0000000",
+                                                                          "e0003-s0000000"]
+    weights = torch.load(out / "best_model.pt", weights_only=True)
+    assert all(torch.equal(weights[k], v) for k, v in _best_epoch_weights(out, 0).items())
+
+
+def test_a_checkpoint_from_before_new_keys_still_resumes(shards, tmp_path):
+    """Keys added to the config since a checkpoint was written compare at their defaults."""
+    from mlic_dist.train import train
+
+    out = tmp_path / "run"
+    train(load_config(None, ov(shards, out, **{"train.epochs": 1})))
+    ckpt = out / "checkpoints" / "e0001-s0000000" / "state.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for section, key in (("optim", "lr_scaling"), ("optim", "warmup_epochs"), ("model", "sync_bn")):
+        del state["config"][section][key]
+    torch.save(state, ckpt)
+    assert train(load_config(None, ov(shards, out, **{"train.epochs": 2})))["epochs_run"] == 2
+
+
+def test_a_bad_resume_path_is_one_line(shards, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.train",
+                        *ov(shards, tmp_path / "run", **{"train.resume": tmp_path / "no-such-checkpoint"})],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "no-such-checkpoint" in p.stderr and "not a complete checkpoint" in p.stderr

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from mlic_dist.config import TrackingConfig, load_config
-from mlic_dist.tracking import Tracker, final_metrics, relog
-from shard_fixtures import build_small_shards
+from mlic_dist.relog import relog
+from mlic_dist.tracking import Tracker, final_metrics
+from shard_fixtures import build_small_shards, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +27,7 @@ def shards(tmp_path_factory):
 
 
 def train_overrides(shards, out, uri, **extra):
-    base = {"data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
-            "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
-            "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out,
-            "tracking.uri": uri, "tracking.experiment": "t"}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(shards, out, **{"tracking.uri": uri, "tracking.experiment": "t", **extra})
 
 
 def test_run_params_metrics_artifacts_in_a_real_store(tmp_path, monkeypatch):
@@ -128,8 +124,8 @@ def test_dead_server_warns_once_and_never_raises(tmp_path, free_port):
         assert not t.finish()
     assert time.time() - start < 15
     messages = [str(w.message) for w in caught]
-    assert sum("retrying in the background" in m for m in messages) == 1
-    assert any("mlic_dist.tracking relog" in m for m in messages)
+    assert sum("retrying in the background" in m for m in messages) <= 1   # never one per call
+    assert sum("mlic_dist.relog" in m for m in messages) == 1
 
 
 def test_unknown_uri_scheme_is_a_warning_not_a_crash(tmp_path):
@@ -241,8 +237,9 @@ def test_a_run_whose_tracking_failed_is_relogged_from_its_directory(shards, tmp_
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="relog"):
         result = train(load_config(None, train_overrides(shards, out, f"http://127.0.0.1:{free_port}")))
+    # the run's own store (its config's tracking.uri) is the default; here another one is given
     uri = f"sqlite:///{tmp_path / 'later.db'}"
-    p = subprocess.run([sys.executable, "-m", "mlic_dist.tracking", "relog", str(out), "--tracking-uri", uri],
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.relog", str(out), "--tracking-uri", uri],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     run_id = json.loads(p.stdout.strip().splitlines()[-1])["run_id"]
@@ -252,9 +249,21 @@ def test_a_run_whose_tracking_failed_is_relogged_from_its_directory(shards, tmp_
     assert [m.step for m in client.get_metric_history(run_id, "val_mAP")] == [0, 1]
     assert run.data.metrics["test_mAP"] == pytest.approx(result["test"]["mAP"])
     assert {"metrics.json", "scores_test.npy", "best_model.pt"} <= {a.path for a in client.list_artifacts(run_id)}
-    # relogging again re-opens that run (tracking.json) and adds no duplicate epochs
+    # relogging again re-opens that run (tracking.json) and adds no duplicate epochs or finals
     assert relog(out, uri) == run_id
     assert len(client.get_metric_history(run_id, "val_mAP")) == 2
+    assert len(client.get_metric_history(run_id, "test_mAP")) == 1
+    # without --tracking-uri, from another working directory: the store tracking.json names
+    # (not a new ./mlflow.db where the command happens to run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg_yaml = (out / "config.yaml").read_text().replace(f"http://127.0.0.1:{free_port}", "null")
+    (out / "config.yaml").write_text(cfg_yaml)
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.relog", str(out)], capture_output=True,
+                       text=True, env=_env(), cwd=elsewhere, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["run_id"] == run_id
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 def test_runs_say_what_code_and_data_made_them(shards, tmp_path):
@@ -272,13 +281,13 @@ def test_runs_say_what_code_and_data_made_them(shards, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert run.data.tags["mlflow.source.git.commit"] == commit
-    from mlic_dist.tracking import manifest_digest
+    from mlic_dist.data.manifest import content_digest
 
     doc = json.loads((Path(shards) / "manifest.json").read_text())
     content = {"classes": doc["classes"], "splits": {n: [[s["sha256"], s["num_samples"]] for s in i["shards"]]
                                                      for n, i in sorted(doc["splits"].items())}}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    assert manifest_digest(shards) == digest
+    assert content_digest(shards) == digest
     assert run.data.tags["mlic.data.manifest_sha256"] == digest
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [digest[:36]]
     assert "best_model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -295,3 +304,57 @@ def test_a_local_store_that_cannot_be_created_turns_tracking_off_quickly(tmp_pat
         t.log_metrics({"loss": 1.0}, step=0)
         assert not t.finish()
     assert time.time() - t0 < 30 and t.run_id is None
+
+
+def test_metrics_merged_into_a_failed_request_are_retried_not_lost(tmp_path, monkeypatch):
+    """The thread sends queued metric calls in one request; when that request fails, every one of
+    them is retried (before: only the first was, and finish() still reported success)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(TrackingConfig(uri=uri, experiment="m"), tmp_path, retry_s=0.1)
+    assert t.start({"a": 1}, wait_s=60)
+    real, calls = MlflowClient.log_batch, []
+
+    def flaky(self, *a, **k):
+        if k.get("metrics"):
+            calls.append(len(k["metrics"]))
+            if len(calls) == 1:
+                raise ConnectionError("server restarting")
+        return real(self, *a, **k)
+
+    with t._cv:  # queue five epochs at once, so the thread merges them
+        monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+        for epoch in range(5):
+            t.log_metrics({"val_mAP": epoch / 10}, step=epoch)
+    with pytest.warns(UserWarning, match="retrying"):
+        assert t.finish()
+    assert calls[0] == 5
+    assert [m.step for m in MlflowClient(uri).get_metric_history(t.run_id, "val_mAP")] == [0, 1, 2, 3, 4]
+
+
+def test_without_mlflow_tracking_turns_off_at_once(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.warns(UserWarning, match="mlflow is not installed"):
+        t = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'x.db'}", experiment="x"), tmp_path)
+    t0 = time.time()
+    t.start({"a": 1})
+    t.log_metrics({"loss": 1.0}, step=0)
+    assert t.finish() and time.time() - t0 < 1 and not (tmp_path / "x.db").exists()
+
+
+def test_a_given_up_tracker_stops_its_thread(tmp_path, free_port, monkeypatch):
+    """After finish() gave up on a dead server, its thread ends once the call in flight returns
+    (no leak in a long-lived process, no logging behind the user's back once the server returns).
+    MLflow's own HTTP retries decide how long that call takes; here they are off."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    t = Tracker(TrackingConfig(uri=f"http://127.0.0.1:{free_port}", experiment="x"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.start({"a": 1})
+        assert not t.finish()
+    t._thread.join(30)
+    assert not t._thread.is_alive() and len(t._queue) == 2  # start and end were never sent

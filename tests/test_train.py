@@ -14,7 +14,7 @@ import torch
 
 from mlic_dist.config import load_config
 from mlic_dist.errors import UserError
-from shard_fixtures import build_small_shards
+from shard_fixtures import build_small_shards, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,14 +27,8 @@ def shards(tmp_path_factory):
 
 
 def overrides(shards, out, **extra):
-    base = {
-        "data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
-        "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
-        "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out,
-        "tracking.uri": f"sqlite:///{Path(out).parent / 'mlflow.db'}", "tracking.experiment": "test",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(shards, out, **{"tracking.uri": f"sqlite:///{Path(out).parent / 'mlflow.db'}",
+                                              "tracking.experiment": "test", **extra})
 
 
 def run_cli(cmd, cwd, timeout=300, env=None):
@@ -162,6 +156,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path,
 
     p = run_cli(cmd + overrides(shards, out, **common), cwd=tmp_path)
     assert "resumed from" in p.stdout
+    # the interrupted epoch's numbers cover the whole epoch, not just the part after the resume
+    ref_h, got_h = ([json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+                    for d in (ref_out, out))
+    assert [h["train_loss"] for h in got_h] == pytest.approx([h["train_loss"] for h in ref_h], rel=1e-6)
     ref, got = json.loads((ref_out / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
     assert got["val"]["mAP"] == pytest.approx(ref["val"]["mAP"], abs=1e-9)
     assert got["test"]["mAP"] == pytest.approx(ref["test"]["mAP"], abs=1e-9)
@@ -314,14 +312,21 @@ def test_divergence_after_a_good_epoch_names_that_checkpoint(shards, tmp_path, m
 
     monkeypatch.setattr(T, "train_one_epoch", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(T.DivergenceError) as e:
-        T.train(load_config(None, overrides(shards, out, **{"train.epochs": 3, "tracking.enabled": False,
-                                                            "train.max_nonfinite_steps": 4})))
-    assert "epoch 1, step 4" in str(e.value) and f"{out / 'checkpoints' / 'e0001-s0000000'}" in str(e.value)
-    # the skipped steps never reached the weights: the checkpoint's weights are finite and the
-    # last checkpoint is still the good one
-    state = torch.load(out / "checkpoints" / "e0001-s0000000" / "state.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    with pytest.raises(T.DivergenceError) as e:  # a checkpoint every step, only one kept
+        T.train(load_config(None, overrides(shards, out, **{
+            "train.epochs": 3, "tracking.enabled": False, "train.max_nonfinite_steps": 4,
+            "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 1})))
+    good = out / "checkpoints" / "e0001-s0000000"
+    assert "epoch 1, step 4" in str(e.value) and str(good) in str(e.value)
+    # the named checkpoint survived the pruning of the checkpoints written during the streak
+    assert good.is_dir()
+    # the skipped steps never reached the weights: one written during the streak (after 3 of
+    # the 4 NaN steps) holds exactly the good checkpoint's parameters (BatchNorm's running
+    # statistics come from the forward passes, which were finite, and do move)
+    during = torch.load(out / "checkpoints" / "e0001-s0000003" / "state.pt", weights_only=True)["model"]
+    before = torch.load(good / "state.pt", weights_only=True)["model"]
+    params = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) == 10 and all(torch.equal(during[k], before[k]) for k in params)
 
 
 @pytest.mark.parametrize("case", ["missing shards", "unwritable output", "unknown backbone", "bad value"])

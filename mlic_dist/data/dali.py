@@ -118,6 +118,14 @@ def apply_extras(images: torch.Tensor, extras, seed: int) -> None:
             chw.copy_(extras(chw))
 
 
+class _ReadError(Exception):
+    """Carries an error raised by DALI's pipeline (building, prefetching, reading a batch)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class DaliLoader(LoaderBase):
     def __init__(self, data_cfg, manifest, split, *, train, rank, world_size, device, seed):
         super().__init__(data_cfg, manifest, split, train=train, rank=rank, world_size=world_size,
@@ -156,9 +164,15 @@ class DaliLoader(LoaderBase):
         pipe = it = None
         b = 0
         try:
-            pipe, it = self._build(slot)   # builds and prefetches: may already read bad data
+            try:
+                pipe, it = self._build(slot)   # builds and prefetches: may already read bad data
+            except RuntimeError as err:
+                raise _ReadError(err) from None
             for b in range(len(self)):
-                out = next(it)[0]
+                try:
+                    out = next(it)[0]
+                except RuntimeError as err:   # only DALI's own reading is diagnosed (not an OOM
+                    raise _ReadError(err) from None  # or a bug in the code below)
                 ids = out["ids"].reshape(-1).to(torch.int64).cpu().clone()
                 if not self.train:   # FILL repeats the last sample: those rows are padding
                     ids[max(0, real - b * self.batch_size):] = -1
@@ -170,29 +184,31 @@ class DaliLoader(LoaderBase):
                     if extras is not None:
                         apply_extras(images, extras, mix_seed(self.seed, self.epoch, self.rank, 7, b))
                 yield self._finish(images, out["labels"], ids, mix_gen)
-        except RuntimeError as err:
+        except _ReadError as read:
             it = pipe = None   # DALI's threads stop once nothing holds the pipeline
+            err = read.error
+            if isinstance(err, (ShardDataError, torch.OutOfMemoryError)):
+                raise err from None
             # the reader goes through [lo, hi) in order, about a shuffle buffer and a few batches
-            # ahead of the batch that failed: look there first, then in the rest of the range
+            # ahead of the batch that failed: a CPU scan of that window (bounded: a whole rank's
+            # range can be 100k images) names the bad sample; otherwise DALI's error goes up
             ahead = lo + (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
-            found = None if isinstance(err, ShardDataError) else self._bad_data_error(lo, hi, ahead)
+            found = self._bad_data_error(lo, min(hi, ahead))
             if found is None:
-                raise
+                raise err.with_traceback(None) from None
             raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
         finally:
             it = pipe = None
 
-    def _bad_data_error(self, lo: int, hi: int, ahead: int):
-        """A ShardDataError naming the bad sample(s) with ids in [lo, hi), or None when a CPU scan
-        of them finds nothing wrong (then the data is not what failed). Ids [lo, ahead) first."""
-        problems = find_bad_samples(self.info.shards, lo, min(hi, ahead))
-        if not problems and ahead < hi:
-            problems = find_bad_samples(self.info.shards, ahead, hi)
+    def _bad_data_error(self, lo: int, end: int):
+        """A ShardDataError naming the bad sample(s) with ids in [lo, end), or None when a CPU
+        scan of them finds nothing wrong (then the data is not what failed there)."""
+        problems = find_bad_samples(self.info.shards, lo, end)
         if not problems:
             return None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         root = self.info.shards[0].path.parent
         return ShardDataError(
-            f"DALI failed reading split {self.split!r}; a CPU check of this rank's samples (ids "
-            f"{lo}..{hi - 1}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
+            f"DALI failed reading split {self.split!r}; a CPU check of the samples it was reading (ids "
+            f"{lo}..{end - 1}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
             "from a good copy or re-run `python -m mlic_dist.shard` for the dataset")

@@ -22,13 +22,9 @@ import warnings
 from pathlib import Path
 from typing import Collection, Iterator, Optional, Sequence
 
+from ..errors import ShardDataError  # noqa: F401 (raised here; defined with the other error kinds)
+
 REQUIRED_EXTS = ("jpg", "lbl", "id")   # what the loaders read (docs/contracts.md "Shards")
-
-
-class ShardDataError(RuntimeError):
-    """A shard file is truncated, inconsistent or holds a sample that cannot be read or decoded.
-
-    The message is one line: the file, the sample key where known, what is wrong and the fix."""
 
 
 def verify_hint(root) -> str:

@@ -99,3 +99,23 @@ def read_manifest(shards_dir) -> Manifest:
                              f"hold {first}; re-run mlic_dist.shard")
         splits[name] = SplitInfo(name, first, tuple(shards))
     return Manifest(root, doc.get("kind", ""), classes, splits)
+
+
+def content_digest(shards_dir) -> Optional[str]:
+    """A digest of the data itself: sha256 over the manifest's classes and, per split, its shards'
+    sha256 and sample counts (not the manifest's timings, arguments or paths: re-sharding the
+    same data elsewhere gives the same digest). Runs record it (MLflow tag and dataset input) and
+    a resume compares it. None without a manifest."""
+    import hashlib
+
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        content = {"classes": doc["classes"],
+                   "splits": {name: [[s.get("sha256"), s.get("num_samples")] for s in info["shards"]]
+                              for name, info in sorted(doc["splits"].items())}}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
