@@ -264,3 +264,48 @@ def load_pretrained_path(model: MultiLabelNet, name: str, path: str) -> None:
     classifier = next((v for k, v in prefixes.items() if name.startswith(k)), ())
     # Our body *is* the torchvision module with its classifier replaced, so the same keys apply.
     _load_into_torchvision(model.body, sd, classifier, path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def weights_status() -> list[dict]:
+    """For every registered backbone with ImageNet weights: the file torchvision's weights API
+    reads offline, where it must be, and whether it is there (DEFAULT first, then other versions)."""
+    from torchvision.models import get_model_weights
+
+    rows = []
+    for name in list_models():
+        try:
+            enum = get_model_weights(name)
+        except (ValueError, KeyError):
+            rows.append({"model": name, "weights": None, "path": None, "present": None, "url": None})
+            continue
+        for w in [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]:
+            path = hub_checkpoint_path(w)
+            rows.append({"model": name, "weights": str(w), "path": str(path), "present": path.is_file(),
+                         "url": w.url})
+    return rows
+
+
+def main(argv=None) -> None:
+    """python -m mlic_dist.models [--json]: the registry, and where each backbone's ImageNet file
+    goes on an offline machine ($TORCH_HOME/hub/checkpoints, see docs/weights.md)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.models", description=main.__doc__)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = p.parse_args(argv)
+    for row in weights_status():
+        if args.json:
+            print(json.dumps(row))
+        elif row["weights"] is None:
+            print(f"{row['model']:14s} (no ImageNet weights: model.pretrained=none or a PATH)")
+        else:
+            mark = "present" if row["present"] else "missing"
+            print(f"{row['model']:14s} {mark:8s} {row['path']}  <- {row['url']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -140,8 +140,9 @@ def build_accelerator(cfg: Config):
                       cpu=not torch.cuda.is_available())
     if acc.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: autotuned kernels pay off
-    if acc.device.type == "cpu":
+    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Several processes on one host share its cores; oversubscription halves throughput.
+        # An explicit OMP_NUM_THREADS (a shared machine, a Ray worker's share) is respected.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     return acc

@@ -93,3 +93,25 @@ def test_vgg16_trains_every_fully_connected_layer_at_the_head_lr():
     assert {id(p) for p in backbone} == convs
     resnet_backbone, resnet_head = create_model("resnet18", num_classes=5).param_groups()
     assert len(resnet_head) == 2  # ResNet has one fully connected layer: the new head
+
+
+def test_models_cli_says_where_each_weights_file_goes(tmp_path, monkeypatch):
+    """python -m mlic_dist.models: the offline cluster's checklist (docs/weights.md)."""
+    import subprocess
+    import sys
+
+    from torchvision.models import MobileNet_V2_Weights
+
+    target = tmp_path / "hub" / "checkpoints" / Path(MobileNet_V2_Weights.IMAGENET1K_V1.url).name
+    target.parent.mkdir(parents=True)
+    shutil.copy(_mobilenet_file(), target)
+    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-m", "mlic_dist.models"], capture_output=True, text=True, env=env).stdout
+    lines = {ln.split()[0] + " " + ln.split()[-1].rsplit("/", 1)[-1]: ln for ln in out.splitlines() if "<-" in ln}
+    assert "present" in lines["mobilenet_v2 mobilenet_v2-b0353104.pth"]
+    assert "missing" in lines["mobilenet_v2 mobilenet_v2-7ebf99e0.pth"]
+    assert str(target) in lines["mobilenet_v2 mobilenet_v2-b0353104.pth"]
+    # and create_model takes the present (non-DEFAULT) version offline
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    create_model("mobilenet_v2", 3, pretrained="imagenet")
