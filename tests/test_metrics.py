@@ -85,6 +85,41 @@ def test_ap_hand_cases_ties_and_ignore():
     assert metrics.average_precision(s, np.array([[-1], [1], [0]]))[0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_ap_equals_sklearn_with_ties_and_ignores(seed, dtype):
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(20, 400)), int(rng.integers(1, 9))
+    targets = (rng.random((n, c)) < rng.uniform(0.05, 0.6)).astype(np.int8)
+    targets[rng.random((n, c)) < 0.15] = -1
+    targets[:, 0] = np.where(targets[:, 0] == 1, 0, targets[:, 0])   # a class without positives
+    # Coarse grids give many exact ties (within and across positives / negatives / ignores).
+    scores = np.round(rng.random((n, c)) * 0.7 + 0.3 * (targets == 1), int(rng.integers(1, 3))).astype(dtype)
+    fast = metrics.average_precision_fast(scores, targets)
+    assert np.isnan(fast[0])
+    for k in range(1, c):
+        keep = targets[:, k] != -1
+        y = targets[keep, k] == 1
+        if y.any():
+            assert abs(fast[k] - average_precision_score(y, scores[keep, k])) < 1e-9
+        else:
+            assert np.isnan(fast[k])
+
+
+def test_fast_ap_reused_for_many_matrices_in_place_and_with_threads():
+    scores, targets = random_case(7, n=500, c=9, ties=True)
+    ap = metrics.FastAP(targets, threads=3)
+    for seed in range(3):
+        s = np.random.default_rng(seed).permutation(scores)          # (N, C): new rankings
+        expected = metrics.average_precision(s, targets)
+        work = np.ascontiguousarray(s.T).astype(np.float32)           # (C, N), sorted in place
+        assert np.allclose(ap(work, overwrite=True), metrics.average_precision(s.astype(np.float32), targets),
+                           atol=1e-12)
+        assert np.allclose(metrics.FastAP(targets, threads=1)(s.T), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="class-major"):
+        ap(scores)
+
+
 def test_class_without_positives_is_nan_and_left_out_of_map():
     scores, targets = random_case(3)
     targets[:, 2] = np.where(targets[:, 2] == 1, 0, targets[:, 2])  # no positives (some ignored)

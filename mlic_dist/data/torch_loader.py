@@ -31,6 +31,7 @@ from .common import LoaderBase, default_workers, mix_seed
 from .integrity import (REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error,
                         size_problem)
 from .presets import get_preset, torch_extras
+from .transforms import EvalTransform
 
 
 def _identity(urls):
@@ -46,15 +47,17 @@ def _transform(train: bool, data_cfg):
     from torchvision.transforms import v2
 
     preset, size = get_preset(data_cfg.augment), data_cfg.size
-    if train and preset.crop == "rrc":
+    if not train:
+        return EvalTransform(size)   # the one evaluation transform (predict uses it too)
+    if preset.crop == "rrc":
         # mostly upsampling (500 px photos -> 448 crops): no antialias (faster, same result)
         steps = [v2.RandomResizedCrop((size, size), scale=tuple(data_cfg.rrc_scale),
                                       ratio=tuple(data_cfg.rrc_ratio), antialias=False)]
     else:
         steps = [v2.Resize((size, size), antialias=True)]   # squash, like the seed's Resize((S, S))
-    if train and preset.flip:
+    if preset.flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
-    extras = torch_extras(preset, data_cfg) if train else None   # RandAugment / Cutout
+    extras = torch_extras(preset, data_cfg)   # RandAugment / Cutout
     if extras is not None:
         steps.append(extras)
     return v2.Compose(steps)

@@ -79,6 +79,22 @@ class ShardOptions:
 # --------------------------------------------------------------------------------------------
 # image validation / encoding (runs in worker processes: keep it importable without webdataset)
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """A decoded image upright (EXIF orientation applied) in 8-bit RGB: transparency flattened
+    onto white, 16-bit scaled down, grayscale / CMYK / palette converted. The shards and
+    `mlic_dist.predict` (through data/transforms.py) both convert with this."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")  # flatten transparency onto white, like a browser would
+        im = Image.new("RGB", rgba.size, (255, 255, 255))
+        im.paste(rgba, mask=rgba.getchannel("A"))
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = im.point(lambda v: v / 256).convert("L").convert("RGB")
+    elif im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
 def encode_image(task: tuple) -> tuple:
     """(path, max_side, quality) -> ("ok", jpeg, w, h, reasons) | ("reject", reason, detail).
 
@@ -114,15 +130,7 @@ def encode_image(task: tuple) -> tuple:
     if not reasons:
         return ("ok", data, w, h, [])
     try:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")  # flatten transparency onto white, like a browser would
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            im = im.point(lambda v: v / 256).convert("L").convert("RGB")
-        elif im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb(im)
         if scale < 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             if orientation in (5, 6, 7, 8):  # transposed above: w/h swapped

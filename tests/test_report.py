@@ -1,0 +1,155 @@
+"""mlic_dist.report on REAL runs and ensembles (tests/ensemble_runs.py) in a real MLflow SQLite
+store, and the whole chain (train -> ensemble -> report) against a real `mlflow server` over HTTP."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ensemble_runs import EXPERIMENT, isolated_store, overrides, train_small_runs
+from mlic_dist import ensemble, metrics, report, rundir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_small_runs(tmp_path_factory.getbasetemp() / "ensemble-runs")
+
+
+@pytest.fixture(scope="module")
+def built(trained, tmp_path_factory):
+    """The store copy with every ensemble of the experiment, and the report built from it."""
+    tmp = tmp_path_factory.mktemp("report")
+    store = isolated_store(trained, tmp)
+    ensembles = ensemble.build_ensembles(EXPERIMENT, ["all"], store, out_dir=tmp / "ensembles")
+    rep = report.build_report(EXPERIMENT, store, tmp / "report")
+    return store, ensembles, rep, tmp / "report"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_single_model_table_has_every_run_and_the_papers_columns(trained, built):
+    _, _, rep, out = built
+    rows = read_csv(out / "single_models.csv")
+    runs = {name: rundir.load_run(d) for name, d in trained.runs.items()}
+    listed = [name for r in rows for name in r["runs"].split(", ")]
+    assert sorted(listed) == sorted(runs)                       # every run, once
+    by_cfg = {(r["augment"], int(r["size"])): r for r in rows}
+    assert set(by_cfg) == {("M1", 32), ("M1", 40), ("M2", 32)}
+    seeds = by_cfg[("M1", 32)]                                   # two seeds: mean +- std (n)
+    assert seeds["n"] == "2"
+    values = [runs[n].metrics["test"]["mAP"] for n in ("m1-32-s0", "m1-32-s1")]
+    assert float(seeds["test_mAP"]) == pytest.approx(np.mean(values))
+    assert float(seeds["test_mAP_std"]) == pytest.approx(np.std(values, ddof=1))
+    assert f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} (2)" in rep.markdown
+    one = by_cfg[("M1", 40)]
+    top3 = runs["m1-40-s0"].metrics["test"]["top3"]
+    assert float(one["test_top3_CF1_mean"]) == pytest.approx(top3["CF1_mean"])      # L-F1 = mean per-class F1
+    harmonic = 2 * top3["CP"] * top3["CR"] / (top3["CP"] + top3["CR"])
+    assert abs(top3["CF1_mean"] - harmonic) > 1e-3                                     # ... which is not this
+    assert float(one["test_thresh_OF1"]) == pytest.approx(runs["m1-40-s0"].metrics["test"]["thresh"]["OF1"])
+    assert "L-F1: mean over classes of per-class F1" in rep.markdown
+
+
+def test_ensemble_table_compares_with_the_single_best_chosen_on_validation(trained, built):
+    _, ensembles, rep, out = built
+    rows = read_csv(out / "ensembles.csv")
+    runs = {name: rundir.load_run(d) for name, d in trained.runs.items()}
+    cfg_val = {}
+    for name, r in runs.items():
+        cfg_val.setdefault((r.config["data"]["augment"], r.config["data"]["size"]), []).append(r.metrics["val"]["mAP"])
+    best_cfg = max(cfg_val, key=lambda k: np.mean(cfg_val[k]))
+    assert rows[0]["method"].startswith("Single best (val)") and f"{best_cfg[0]} {best_cfg[1]} px" in rows[0]["method"]
+    base = float(rows[0]["test_mAP"])
+    assert sorted(r["runs"] for r in rows[1:]) == sorted(e.name for e in ensembles)   # a row per ensemble
+    for r in rows[1:]:
+        e = next(e for e in ensembles if e.name == r["runs"])
+        assert float(r["test_mAP"]) == pytest.approx(e.metrics["test"]["mAP"])
+        assert float(r["final_val_mAP"]) == pytest.approx(e.metrics["val"]["mAP"])
+        assert r["beats_single_best"] == ("yes" if e.metrics["test"]["mAP"] > base else "no")
+        assert float(r["delta_test_mAP"]) == pytest.approx(e.metrics["test"]["mAP"] - base)
+    assert {"ScaleEn (tiny_cnn, M1)", "DistrEn (tiny_cnn, 32 px)"} <= {r["method"] for r in rows}
+
+
+def test_calibration_tables_and_plots(trained, built):
+    store, ensembles, rep, out = built
+    summary = read_csv(out / "calibration_summary.csv")
+    assert sorted(r["run"] for r in summary) == sorted([*trained.runs, *(e.name for e in ensembles)])
+    run = rundir.load_run(trained.runs["m2-32-s0"])
+    test = run.split("test")
+    at_half = metrics.evaluate(test.scores, test.targets, run.classes, threshold=0.5)["per_class"]
+    per_class = read_csv(out / "calibration-m2-32-s0.csv")
+    for c, row in enumerate(per_class):
+        assert row["class"] == run.classes[c]
+        assert float(row["threshold"]) == pytest.approx(run.thresholds[c])
+        assert float(row["val F1"]) == pytest.approx(run.metrics["val"]["per_class"][c]["F1"])
+        assert float(row["test F1 (tuned)"]) == pytest.approx(run.metrics["test"]["per_class"][c]["F1"])
+        assert float(row["test F1 (0.5)"]) == pytest.approx(at_half[c]["F1"])
+    from matplotlib.image import imread
+
+    pngs = {p.name for p in rep.paths if p.suffix == ".png"}
+    assert pngs == {"per_class_ap.png", "pr_curves.png", "training_curves.png", "ensemble_members.png"}
+    for name in pngs:
+        img = imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
+        assert f"![{name[:-4]}]({name})" in rep.markdown
+    # logged as its own report run, never mistaken for a training run or an ensemble
+    client = MlflowClient(store)
+    info = client.get_run(rep.run_id)
+    assert info.data.tags["mlic.kind"] == "report"
+    assert {a.path for a in client.list_artifacts(rep.run_id)} >= {"report.md", "ensembles.csv", *pngs}
+    assert ensemble.build_ensembles(EXPERIMENT, ["scale"], store, out_dir=out.parent / "ensembles")  # still fine
+
+
+def test_cli_from_run_dirs_without_mlflow(trained, built, tmp_path, capsys):
+    _, ensembles, _, _ = built
+    dirs = [str(trained.runs["m1-32-s0"]), str(trained.runs["m1-40-s0"]), str(ensembles[0].path)]
+    assert report.main(["--run-dirs", *dirs, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "Single best (val)" in out and ensembles[0].name in out
+    assert (tmp_path / "r" / "report.md").is_file() and not (tmp_path / "r" / "tracking.json").exists()
+    assert report.main(["--run-dirs", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
+    """Two trainings, an ensemble and a report, all talking HTTP to one `mlflow server`."""
+    from mlic_dist.config import load_config
+    from mlic_dist.mlflow_server import MlflowServer
+    from mlic_dist.train import train
+
+    with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "artifacts",
+                      log_file=tmp_path / "server.log") as server:
+        for size in (32, 40):
+            train(load_config(None, overrides(trained.shards, tmp_path / f"run{size}", server.uri, size, "M1", 0,
+                                              None, epochs=1, experiment="http")))
+        # the sweep's call, then the report CLI in its own process
+        (built,) = ensemble.build_ensembles("http", ["scale"], server.uri, out_dir=tmp_path / "ens")
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}", "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-m", "mlic_dist.report", "--experiment", "http", "--out",
+                            str(tmp_path / "rep"), "--tracking-uri", server.uri], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "ScaleEn (tiny_cnn, M1)" in p.stdout and built.name in p.stdout   # the printed table
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("http").experiment_id])
+        kinds = sorted(r.data.tags.get("mlic.kind", "single") for r in runs)
+        assert kinds == ["ensemble", "report", "single", "single"]
+        ens = next(r for r in runs if r.data.tags.get("mlic.kind") == "ensemble")
+        assert ens.data.tags["mlic.ensemble_kind"] == "scale" and "test_mAP" in ens.data.metrics
+        rep = next(r for r in runs if r.data.tags.get("mlic.kind") == "report")
+        assert {a.path for a in client.list_artifacts(rep.info.run_id)} >= {"report.md", "pr_curves.png"}
+        assert ens.info.run_id == built.tracking["run_id"]
+        assert sorted(m["name"] for m in built.ensemble["members"]) == ["run32", "run40"]
+    assert server.proc is None
