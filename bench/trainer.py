@@ -6,7 +6,7 @@
     python bench/trainer.py --profile                        # + cProfile of both loops
 
 Both loops train the same model (same seed, channels_last, same SGD param groups with the
-backbone/head learning rates of `build_optimizer`, same `masked_bce` loss, same precision) on
+backbone/head learning rates of `build_optimizer`, same loss (`mlic_dist.losses`), same precision) on
 one fixed batch already on the device, so the data pipeline is out of the picture:
   - trainer: the real inner loop, `train_one_epoch(run, epoch)`, with a real Accelerator from
     `build_accelerator`, a `Run` as train.py builds it (tracker disabled) and an in-memory
@@ -188,9 +188,9 @@ class PlainLoop:
     """The reference: the same model, param groups, loss and precision in plain PyTorch."""
 
     def __init__(self, cfg, num_classes: int, device: torch.device, precision: str):
-        from mlic_dist.train import masked_bce
+        from mlic_dist.losses import build_loss
 
-        self.loss_fn = masked_bce
+        self.loss_fn = build_loss(cfg.loss)
         self.device = device
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model.backbone, num_classes, cfg.model.pretrained, cfg.model.dropout)

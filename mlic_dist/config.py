@@ -18,6 +18,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 
+from .data.presets import NAMES as AUGMENT_PRESETS
 from .errors import UserError
 
 
@@ -43,7 +44,7 @@ class DataConfig:
     size: int = 448
     """Square input side in pixels (the paper uses 384, 448, 512)."""
     augment: str = "M2"
-    """M0 = squash resize only; M1 = squash + flip; M2 = random-resized-crop + flip; M3 = M2 + OR-mixup on every other epoch."""
+    """M0 = squash resize only; M1 = squash + flip; M2 = random-resized-crop + flip; M3 = M2 + OR-mixup on every other epoch; RA = M2 + RandAugment; CO = M2 + Cutout (mlic_dist/data/presets.py)."""
     loader: str = "dali"
     """dali | torch: DALI pipeline (GPU `mixed` decode when there is a GPU) or the webdataset + torchvision loader."""
     batch_size_per_gpu: int = 16
@@ -68,9 +69,17 @@ class DataConfig:
     """Split used for model selection, early stopping and thresholds; never the test split."""
     test_split: str = "test"
     """Split scored once at the end with the best checkpoint ('' = none)."""
+    randaugment_ops: int = 2
+    """RA: RandAugment operations applied to each training image."""
+    randaugment_magnitude: int = 9
+    """RA: RandAugment magnitude, 0..30 (of 31 bins)."""
+    cutout_p: float = 0.5
+    """CO: probability that a training image gets a Cutout rectangle (filled with the normalisation mean)."""
+    cutout_scale: tuple[float, float] = (0.02, 0.33)
+    """CO: range of the Cutout rectangle's area, as a fraction of the image."""
 
     def __post_init__(self):
-        _check_choice("data.augment", self.augment, ("M0", "M1", "M2", "M3"))
+        _check_choice("data.augment", self.augment, AUGMENT_PRESETS)
         _check_choice("data.loader", self.loader, ("dali", "torch"))
         _check_choice("data.normalize", self.normalize, ("imagenet", "half"))
         _check_choice("data.difficult", self.difficult, ("positive", "ignore"))
@@ -84,6 +93,15 @@ class DataConfig:
             raise ConfigError(f"data.rrc_scale={list(self.rrc_scale)} must satisfy 0 < min <= max <= 1")
         if not 0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
             raise ConfigError(f"data.rrc_ratio={list(self.rrc_ratio)} must satisfy 0 < min <= max")
+        _check_positive("data.randaugment_ops", self.randaugment_ops)
+        if not 0 <= self.randaugment_magnitude <= 30:
+            raise ConfigError(f"data.randaugment_magnitude={self.randaugment_magnitude!r} must be in 0..30 "
+                              f"(31 magnitude bins; RandAugment's usual value is 9)")
+        if not 0 <= self.cutout_p <= 1:
+            raise ConfigError(f"data.cutout_p={self.cutout_p!r} must be in [0, 1]")
+        lo, hi = self.cutout_scale
+        if not 0 < lo <= hi < 1:
+            raise ConfigError(f"data.cutout_scale={list(self.cutout_scale)} must satisfy 0 < min <= max < 1")
         if self.val_split == self.test_split:
             raise ConfigError(f"data.val_split={self.val_split!r} equals data.test_split: model selection must not see test")
 
@@ -147,6 +165,34 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    name: str = "bce"
+    """bce | asl (asymmetric loss, Ridnik et al. 2021) | focal (Lin et al. 2017); every loss is the mean over non-ignored (image, class) entries (mlic_dist/losses.py)."""
+    gamma_neg: float = 4.0
+    """asl: focusing exponent of the negatives (ASL's train.py and paper: 4)."""
+    gamma_pos: float = 0.0
+    """asl: focusing exponent of the positives (ASL's train.py and paper: 0)."""
+    clip: float = 0.05
+    """asl: probability margin m shifted off the negatives, p_m = max(p - m, 0) (ASL: 0.05); 0 = off."""
+    gamma: float = 2.0
+    """focal: focusing exponent."""
+    alpha: float = 0.25
+    """focal: weight of the positives (negatives get 1 - alpha); -1 = no weighting."""
+
+    def __post_init__(self):
+        from .losses import NAMES
+
+        _check_choice("loss.name", self.name, NAMES)
+        _check_positive("loss.gamma_neg", self.gamma_neg, allow_zero=True)
+        _check_positive("loss.gamma_pos", self.gamma_pos, allow_zero=True)
+        _check_positive("loss.gamma", self.gamma, allow_zero=True)
+        if not 0 <= self.clip < 1:
+            raise ConfigError(f"loss.clip={self.clip!r} must be in [0, 1) (ASL uses 0.05; 0 turns the shift off)")
+        if not (0 <= self.alpha <= 1 or self.alpha == -1):
+            raise ConfigError(f"loss.alpha={self.alpha!r} must be in [0, 1], or -1 for no weighting")
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "step"
     """step (x gamma every step_epochs) | plateau (ReduceLROnPlateau on validation loss) | none."""
@@ -204,6 +250,8 @@ class TrainConfig:
     """Let gradients alias DDP buckets (saves one copy of the gradients)."""
     ddp_static_graph: bool = False
     """Tell DDP the graph never changes (enables extra overlap)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights (decay per optimizer step, e.g. 0.999; ~1/(1-decay) steps of memory); validated each epoch beside the raw weights, the better one is selected; 0 = off."""
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -216,6 +264,9 @@ class TrainConfig:
         _check_positive("train.log_every_steps", self.log_every_steps)
         _check_positive("train.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         _check_positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (0 = off; ASL uses 0.9997 "
+                              f"over ~640 steps an epoch)")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ConfigError("train.resume='' is not valid; use auto, never or a checkpoint directory")
 
@@ -248,6 +299,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -102,6 +102,8 @@ def save_checkpoint(run) -> Path:
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
             "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
             "trainer": run.state.to_dict(),
+            # rank 0's EMA (its BatchNorm statistics are the ones every rank evaluates: ema.py)
+            "ema": run.ema.state_dict() if getattr(run, "ema", None) is not None else None,
             "config": to_dict(run.cfg),
             "manifest_sha256": run.manifest_sha256,
         }
@@ -188,6 +190,12 @@ def maybe_resume(run) -> Resumed | None:
         run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(state["scaler"])
+    ema = getattr(run, "ema", None)
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        warnings.warn(f"{path} holds no weight EMA (train.ema_decay was 0 when it was written): the EMA "
+                      f"starts from the resumed weights")
     run.state = type(run.state)(**state["trainer"])
     _find_best_weights(run, path)
     if run.is_main and path.parent == checkpoint.checkpoint_dir(run.out):

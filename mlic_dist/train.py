@@ -36,7 +36,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, metrics, optim, rundir, tracking
@@ -45,7 +44,9 @@ from .data import build_loader, read_manifest
 from .data.manifest import content_digest
 from .data.labels import read_split_labels
 from .distributed import check_ranks_in_sync, param_digest, unwrap  # noqa: F401 (param_digest: tests)
+from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .errors import DivergenceError, UserError
+from .losses import build_loss
 from .models import create_model
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -67,10 +68,12 @@ class TrainState:
     skipped_steps: int = 0         # all such steps (skipped, not applied)
     history: list = field(default_factory=list)
     # the epoch in progress so far (a mid-epoch resume continues its numbers, not just its data)
-    epoch_loss_sum: float = 0.0    # summed per-micro-batch losses, averaged over ranks
+    epoch_loss_sum: float = 0.0    # summed losses of the non-ignored entries, all ranks (losses.py)
+    epoch_loss_count: float = 0.0  # those entries, all ranks
     epoch_seen: int = 0            # training images per rank
     epoch_skipped: int = 0
     epoch_time_s: float = 0.0
+    best_source: str = "raw"       # raw | ema: which weights best_model.pt holds (train.ema_decay)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -78,6 +81,7 @@ class TrainState:
     def next_epoch(self) -> None:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.epoch_loss_sum, self.epoch_seen, self.epoch_skipped, self.epoch_time_s = 0.0, 0, 0, 0.0
+        self.epoch_loss_count = 0.0
 
 
 @dataclass
@@ -96,6 +100,12 @@ class Run:
     state: TrainState
     manifest_sha256: Optional[str] = None
     last_good_checkpoint: Optional[Path] = None
+    ema: Optional[torch.nn.Module] = None   # AveragedModel (mlic_dist/ema.py) when train.ema_decay > 0
+    loss_fn: Optional[Callable] = None      # losses.MultiLabelLoss; None = built from cfg.loss
+
+    def __post_init__(self):
+        if self.loss_fn is None:
+            self.loss_fn = build_loss(self.cfg.loss)
 
     @property
     def is_main(self) -> bool:
@@ -136,12 +146,6 @@ def build_accelerator(cfg: Config):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     return acc
-
-
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits over the (sample, class) entries whose mask is 1."""
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")  # (B, C)
-    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _prepare_output_dir(cfg: Config) -> Path:
@@ -200,6 +204,7 @@ def build_run(cfg: Config) -> Run:
                           "BatchNorm statistics stay per process")
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = build_ema(model, cfg.train.ema_decay, acc.device)  # a copy of the unprepared model (ema.py)
     optimizer = optim.build_optimizer(cfg, model, acc.num_processes)
     scheduler = optim.build_scheduler(cfg, optimizer)
     if cfg.model.compile:
@@ -207,7 +212,8 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
-               tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards))
+               tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards),
+               ema=ema)
 
 
 # --------------------------------------------------------------------------- epoch loop
@@ -257,14 +263,19 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     warmup = optim.Warmup(cfg.optim.warmup_epochs, steps_total)
     skip_batches = run.state.step_in_epoch * accum  # data position after a mid-epoch resume
     st = run.state
-    prior = (st.epoch_loss_sum, st.epoch_seen, st.epoch_skipped, st.epoch_time_s)  # before a resume
+    prior = (st.epoch_loss_sum, st.epoch_seen, st.epoch_skipped, st.epoch_time_s,  # before a resume
+             st.epoch_loss_count)
     model.train()
-    loss_sum = torch.zeros((), device=acc.device)
+    plain = unwrap(acc, model)  # what the EMA averages
+    # summed over the non-ignored entries and counted (losses.py's scale), float64: exact counts
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    count_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     seen = skipped = 0
     t0 = time.perf_counter()
 
     def so_far() -> None:  # the epoch's numbers up to now, into the state a checkpoint saves
-        st.epoch_loss_sum = prior[0] + acc.reduce(loss_sum.clone(), reduction="mean").item()
+        total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
+        st.epoch_loss_sum, st.epoch_loss_count = prior[0] + total, prior[4] + count
         st.epoch_seen, st.epoch_skipped = prior[1] + seen, prior[2] + skipped
         st.epoch_time_s = prior[3] + time.perf_counter() - t0
 
@@ -280,14 +291,19 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
             with ctx:
                 logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
-                loss = masked_bce(logits, batch.targets, batch.mask)
+                entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C) float32
+                count = batch.mask.sum()
+                loss = entries.sum() / count.clamp_min(1.0)   # mean over the non-ignored entries
                 acc.backward(loss / window)
-            loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+            loss_sum += torch.nan_to_num(entries.detach().sum(), nan=0.0, posinf=0.0, neginf=0.0)
+            count_sum += count
             seen += batch.images.shape[0]
             if not last_micro:
                 continue
             if _optimizer_step(run, warmup):
                 run.state.bad_steps = 0
+                if run.ema is not None:  # applied steps only: a skipped step never reaches the EMA
+                    run.ema.update_parameters(plain)
             else:
                 run.state.bad_steps += 1
                 run.state.skipped_steps += 1
@@ -313,9 +329,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     finally:
         bar.close()
     so_far()
-    micro = max(1, min(n_batches, len(loader)))   # every micro-batch of the epoch, resumed or not
     images_per_s = st.epoch_seen * acc.num_processes / max(st.epoch_time_s, 1e-9)
-    return {"train_loss": st.epoch_loss_sum / micro, "images_per_s": images_per_s,
+    train_loss = st.epoch_loss_sum / st.epoch_loss_count if st.epoch_loss_count else float("nan")
+    return {"train_loss": train_loss, "images_per_s": images_per_s,
             "epoch_time_s": st.epoch_time_s, "skipped_steps": st.epoch_skipped}
 
 
@@ -379,15 +395,25 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
                                 "the model's validation scores are not finite after this epoch")
             record.update(val_loss=val["loss"], val_mAP=val["mAP"], lr=run.optimizer.param_groups[0]["lr"],
                           head_lr=run.optimizer.param_groups[-1]["lr"])
+            if run.ema is not None:
+                sync_buffers(run.ema, acc)
+                ema_val = evaluate(run, run.val_loader, val_labels, desc=f"val ema {epoch}", model=run.ema.module)
+                record.update(val_loss_ema=ema_val["loss"], val_mAP_ema=ema_val["mAP"])
             if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 run.scheduler.step(val["loss"])
             elif run.scheduler is not None:
                 run.scheduler.step()
-            value = record[cfg.train.select_metric]
+            value, source = record[cfg.train.select_metric], "raw"
+            if run.ema is not None:  # the EMA competes with the raw weights for "best"
+                if _improved(cfg, record[cfg.train.select_metric + "_ema"], value):
+                    value, source = record[cfg.train.select_metric + "_ema"], "ema"
+                record["select_source"] = source
             if _improved(cfg, value, run.state.best_value):
                 run.state.best_value, run.state.best_epoch, run.state.bad_epochs = value, epoch, 0
+                run.state.best_source = source
                 if run.is_main:  # a candidate until the checkpoint below names it (publish_best)
-                    checkpoint.save_weights(unwrap(acc, run.model).state_dict(), best_file(out, epoch))
+                    weights = run.ema.module if source == "ema" else unwrap(acc, run.model)
+                    checkpoint.save_weights(weights.state_dict(), best_file(out, epoch))
             else:
                 run.state.bad_epochs += 1
             record["best_" + cfg.train.select_metric] = run.state.best_value
@@ -419,6 +445,7 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     """Best weights -> val/test scores, thresholds tuned on val, files in the run directory."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
     last_digest = check_ranks_in_sync(acc, run.model)
+    ema_digest = check_ema_in_sync(run.ema, acc) if run.ema is not None else None  # as the weights do
     publish_best(run)
     acc.wait_for_everyone()
     if run.state.best_epoch >= 0:  # the weights the state names (resume made sure they exist)
@@ -430,7 +457,10 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     result: dict = {"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.history),
                     "select_metric": cfg.train.select_metric, "world_size": acc.num_processes,
                     "global_batch_size": optim.global_batch_size(cfg, acc.num_processes),
-                    "skipped_steps": run.state.skipped_steps, "param_digest": last_digest}
+                    "skipped_steps": run.state.skipped_steps, "param_digest": last_digest,
+                    "best_source": run.state.best_source}
+    if ema_digest is not None:
+        result["ema_digest"] = ema_digest
     thresholds = None
     for name, (loader, split) in splits.items():
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)

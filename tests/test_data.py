@@ -13,6 +13,7 @@ from mlic_dist.data import ShardDataError, build_loader, read_manifest
 from mlic_dist.data.common import MEAN_STD, labels_to_targets
 from mlic_dist.data.labels import read_split_labels
 from mlic_dist.data.mixup import mixup_pairs, or_mixup
+from mlic_dist.data.presets import NAMES as PRESET_NAMES
 from shard_fixtures import build_small_shards, garble_sample, truncate_shard
 
 LOADERS = ["dali", "torch"]
@@ -80,7 +81,7 @@ def test_read_manifest(shards, tmp_path):
 # ----------------------------------------------------------------------------- presets
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("augment", ["M0", "M1", "M2", "M3"])
+@pytest.mark.parametrize("augment", PRESET_NAMES)
 def test_preset_batches(shards, loader, augment):
     c = cfg(shards, loader, augment=augment)
     lo, hi = [(0 - m) / s for m, s in zip(*MEAN_STD["imagenet"])], [(255 - m) / s for m, s in zip(*MEAN_STD["imagenet"])]
@@ -124,6 +125,115 @@ def test_m2_augments_and_differs_per_epoch(shards, loader):
     diff_eval = np.mean([(e0[i][0] - ev[i][0]).abs().mean().item() for i in e0])
     diff_epoch = np.mean([(e0[i][0] - e2[i][0]).abs().mean().item() for i in e0 if i in e2])
     assert diff_eval > 0.05 and diff_epoch > 0.05
+
+
+def test_augment_choices_come_from_the_preset_table():
+    from mlic_dist.config import ConfigError, describe
+
+    assert PRESET_NAMES == ("M0", "M1", "M2", "M3", "RA", "CO")
+    with pytest.raises(ConfigError, match=r"data.augment='M9'.*\['M0', 'M1', 'M2', 'M3', 'RA', 'CO'\]"):
+        DataConfig(augment="M9")
+    (doc,) = [d for k, _, d in describe() if k == "data.augment"]
+    assert all(f"{name} = " in doc for name in PRESET_NAMES)   # the README row names every preset
+
+
+def _fill_pixels(images: torch.Tensor, normalize="imagenet") -> torch.Tensor:
+    """(B, S, S) bool: pixels whose 3 channels equal Cutout's fill after normalisation."""
+    from mlic_dist.data.presets import fill_value
+
+    mean, std = MEAN_STD[normalize]
+    want = torch.tensor([(f - m) / s for f, m, s in zip(fill_value(normalize), mean, std)])
+    return ((images - want.view(1, 3, 1, 1)).abs() < 1e-4).all(1)
+
+
+def _is_one_rectangle(on: torch.Tensor) -> bool:
+    """(S, S) bool: True where the True pixels fill their bounding box exactly."""
+    rows, cols = on.any(1).nonzero().flatten(), on.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return False
+    box = on[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return bool(box.all()) and int(on.sum()) == box.numel()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_cutout_erases_one_rectangle_with_the_mean(shards, loader):
+    """CO, cutout_p=1: every training image holds exactly one rectangle of the fill colour (0 after
+    normalisation), of an area in cutout_scale; evaluation is untouched."""
+    c = cfg(shards, loader, augment="CO", cutout_p=1.0, cutout_scale=(0.1, 0.2))
+    _, batches = run_epoch(c, "train", True, epoch=1)
+    x = torch.cat([b.images for b in batches])
+    fill = _fill_pixels(x)
+    # rounding h, w to pixels (torchvision) or to the normalised anchor grid (DALI) moves the area a little
+    frac = fill.float().mean((1, 2))
+    assert ((frac > 0.07) & (frac < 0.26)).all(), frac
+    assert all(_is_one_rectangle(f) for f in fill)
+    ev = torch.cat([b.images for b in run_epoch(c, "train", False)[1]])
+    assert _fill_pixels(ev).float().mean((1, 2)).max() < 0.05
+
+
+def test_dali_cpu_cutout_changes_only_the_rectangle_and_p0_is_m2(shards):
+    """On the DALI CPU path, Cutout runs after the torch resize without touching the other draws:
+    cutout_p=0 gives M2's images bit for bit, cutout_p=1 differs from them only inside the
+    erased rectangle."""
+    m2 = by_id(run_epoch(cfg(shards, "dali", augment="M2"), "train", True, epoch=2)[1])
+    off = by_id(run_epoch(cfg(shards, "dali", augment="CO", cutout_p=0.0), "train", True, epoch=2)[1])
+    on = by_id(run_epoch(cfg(shards, "dali", augment="CO", cutout_p=1.0), "train", True, epoch=2)[1])
+    assert set(m2) == set(off) == set(on)
+    for i in m2:
+        assert torch.equal(m2[i][0], off[i][0])
+        changed = (m2[i][0] != on[i][0]).any(0)                       # (S, S)
+        erased = _fill_pixels(on[i][0][None])[0]
+        assert changed.any() and not (changed & ~erased).any()        # changes lie inside the fill
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_randaugment_changes_images_replays_and_keeps_the_global_rng(shards, loader):
+    c_m2, c_ra = cfg(shards, loader, augment="M2"), cfg(shards, loader, augment="RA", randaugment_magnitude=15)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    ra = by_id(run_epoch(c_ra, "train", True, epoch=1)[1])
+    assert torch.equal(torch.get_rng_state(), before)   # the trainer's stream (dropout) is untouched
+    m2 = by_id(run_epoch(c_m2, "train", True, epoch=1)[1])
+    diffs = [(ra[i][0] - m2[i][0]).abs().mean().item() for i in ra]
+    assert np.median(diffs) > 0.05, diffs
+    if loader == "dali":   # same crop and flip draws: only RandAugment differs
+        assert sum(d == 0 for d in diffs) < len(diffs) // 4
+
+
+def test_dali_graph_extras_on_the_cpu(tmp_path):
+    """The operators the GPU pipeline runs for RA / CO (presets.dali_extras), here on DALI's CPU
+    backend: shapes and dtype kept, Cutout (p=1) erases one rectangle with the fill, a seed replays."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from mlic_dist.data.presets import dali_extras, fill_value, get_preset
+
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(6)]
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe(augment):
+        images = fn.external_source(source=lambda: batch, batch=True, layout="HWC", dtype=types.UINT8)
+        return images, dali_extras(images, get_preset(augment),
+                                   DataConfig(augment=augment, cutout_p=1.0, cutout_scale=(0.1, 0.2)), 48)
+
+    def run(augment, seed):
+        p = pipe(augment, batch_size=6, num_threads=1, device_id=None, seed=seed)
+        p.build()
+        src, out = p.run()
+        return [np.array(src[k]) for k in range(6)], [np.array(out[k]) for k in range(6)]
+
+    src, co = run("CO", 1)
+    for a, b in zip(src, co):
+        assert b.shape == a.shape and b.dtype == np.uint8
+        changed = (a != b).any(-1)
+        filled = (b == np.array(fill_value("imagenet"), np.uint8)).all(-1)
+        assert changed.any() and not (changed & ~filled).any()
+        assert _is_one_rectangle(torch.from_numpy(filled))   # random source pixels never hit the fill
+        assert 0.05 < filled.mean() < 0.3
+    src, ra = run("RA", 1)
+    assert all(b.shape == a.shape for a, b in zip(src, ra))
+    assert sum(not np.array_equal(a, b) for a, b in zip(src, ra)) >= 4
+    assert all(np.array_equal(x, y) for x, y in zip(ra, run("RA", 1)[1]))
 
 
 # ----------------------------------------------------------------------------- labels
@@ -236,8 +346,9 @@ def test_eval_is_deterministic(shards, loader):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_train_epoch_replays(shards, loader):
-    c = cfg(shards, loader, augment="M3")
+@pytest.mark.parametrize("augment", ["M3", "RA", "CO"])
+def test_train_epoch_replays(shards, loader, augment):
+    c = cfg(shards, loader, augment=augment)
     _, a = run_epoch(c, "train", True, rank=1, world=2, epoch=3, seed=7)
     _, b = run_epoch(c, "train", True, rank=1, world=2, epoch=3, seed=7)
     _, d = run_epoch(c, "train", True, rank=1, world=2, epoch=4, seed=7)

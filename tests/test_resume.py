@@ -40,6 +40,19 @@ def test_config_changes_lists_both_values():
         {"optim.lr": [0.01, 0.1]}
 
 
+def test_keys_added_since_a_checkpoint_count_as_their_defaults():
+    """A checkpoint written before loss.* and train.ema_decay existed resumes without a refusal;
+    one that set them differently is still a change."""
+    from mlic_dist.config import Config, to_dict
+
+    now = to_dict(Config())
+    old = {k: v for k, v in now.items() if k != "loss"}
+    old["train"] = {k: v for k, v in now["train"].items() if k != "ema_decay"}
+    assert config_changes(old, now) == {}
+    changed = to_dict(load_config(None, ["loss.name=asl", "train.ema_decay=0.9"]))
+    assert config_changes(old, changed) == {"loss.name": ["bce", "asl"], "train.ema_decay": [0.0, 0.9]}
+
+
 def test_changed_lr_is_refused_with_both_values_then_accepted_on_purpose(shards, tmp_path):
     from mlic_dist.train import train
 

@@ -102,16 +102,22 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     out = tmp_path / "run"
     p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                  "--master_port", str(free_port), "-m", "mlic_dist.train",
-                 *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader})], cwd=tmp_path)
+                 *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader,
+                                            "train.ema_decay": 0.8})], cwd=tmp_path)
     m = assert_run_dir(out, 14, 12)
     assert m["world_size"] == 2
-    # Both ranks agreed on the parameters (train.py gathers a digest per rank and raises otherwise);
-    # the last epoch's weights are in the newest checkpoint.
+    # Both ranks agreed on the parameters and on the weight EMA (train.py gathers a digest per rank
+    # and raises otherwise); the last epoch's weights and EMA are in the newest checkpoint.
     cfg = load_config(None, overrides(shards, out, **{"data.loader": loader}))
     model = create_model("tiny_cnn", 4)
     state = torch.load(sorted((out / "checkpoints").glob("e*"))[-1] / "state.pt", weights_only=True)
     model.load_state_dict(state["model"])
     assert param_digest(model) == m["param_digest"]
+    from mlic_dist.ema import build_ema, digest
+
+    ema = build_ema(model, 0.8, "cpu")
+    ema.load_state_dict(state["ema"])   # rank 0's, which every rank holds after training
+    assert digest(ema) == m["ema_digest"] and param_digest(ema.module) != m["param_digest"]
     # The gathered val scores equal a single-process pass over the split, row by row in id order.
     model.load_state_dict(torch.load(out / "best_model.pt", weights_only=True))
     model.eval()
@@ -127,11 +133,12 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     np.testing.assert_allclose(np.load(out / "scores_val.npy"), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path, loader):
+@pytest.mark.parametrize("loader,ema", [("torch", 0.0), ("dali", 0.0), ("torch", 0.7)])
+def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path, loader, ema):
     common = {"train.epochs": 4, "train.checkpoint_every_steps": 2, "tracking.enabled": False,
               "data.loader": loader, "data.augment": "M3",  # random crops, flips and mixup must replay
-              "model.dropout": 0.3}                          # and so must dropout's RNG stream
+              "model.dropout": 0.3,                          # and so must dropout's RNG stream
+              "train.ema_decay": ema}                        # and the weight EMA (saved mid-epoch)
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     cmd = [sys.executable, "-m", "mlic_dist.train"]
     run_cli(cmd + overrides(shards, ref_out, **common), cwd=tmp_path)
@@ -158,6 +165,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path,
     assert got["test"]["mAP"] == pytest.approx(ref["test"]["mAP"], abs=1e-9)
     assert got["param_digest"] == ref["param_digest"]
     np.testing.assert_allclose(np.load(out / "scores_test.npy"), np.load(ref_out / "scores_test.npy"), atol=1e-7)
+    if ema:
+        assert got["ema_digest"] == ref["ema_digest"] and got["best_source"] == ref["best_source"]
+        hist = [[json.loads(line)[k] for line in (d / "history.jsonl").read_text().splitlines()]
+                for d in (ref_out, out) for k in ("val_mAP_ema", "val_loss_ema")]
+        assert hist[0] == hist[2] and hist[1] == hist[3]
 
 
 def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path, free_port):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .presets import get_preset
+
 # 0-255 scale: normalise uint8 pixels directly
 MEAN_STD = {
     "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
@@ -196,6 +198,7 @@ class LoaderBase:
         plan = make_plan(split, self.info.num_samples, world_size, batch, train)
         num_classes = manifest.num_classes
         self.cfg, self.split, self.plan = data_cfg, split, plan
+        self.preset = get_preset(data_cfg.augment)
         self.train, self.rank, self.world_size = train, rank, world_size
         self.device = torch.device(device)
         self.seed, self.num_classes = seed, num_classes
@@ -217,7 +220,7 @@ class LoaderBase:
     @property
     def mixup_active(self) -> bool:
         """M3 mixes on odd epochs (1, 3, 5, ...), training only."""
-        return self.train and self.cfg.augment == "M3" and self.epoch % 2 == 1
+        return self.train and self.preset.mixup and self.epoch % 2 == 1
 
     def _epoch_range(self) -> tuple[int, int]:
         return self.plan.id_range(self.plan.slot(self.rank, self.epoch))

@@ -7,6 +7,18 @@ on this project's 2-core box (slower than the decode), so there DALI decodes (on
 region for M2/M3, `decoders.image_random_crop`) and pads the batch, and torch's uint8 bilinear
 kernel does the resize (+flip) per image in the main process (~0.4 ms).
 
+RandAugment / Cutout (presets RA, CO; mlic_dist/data/presets.py): on a GPU they are DALI
+operators in the graph (`auto_aug.rand_augment`, `fn.erase`) after the resize. On the CPU path
+they run in torch after the torch resize, with the torchvision v2 transforms the torch loader
+uses, one image after another in the main process (`apply_extras`, seeded per batch). Why:
+they must see the final S x S image, which only exists after the torch resize, and moving the
+resize back into DALI to keep them there costs more than they do. Measured at 448 px, batch 32,
+demo scenes, this 2-core box under load 15 from other jobs: M2 86 img/s with DALI resizing vs
+289 with torch resizing; RA 42 (DALI CPU rand_augment) vs 58 (torchvision); CO 107 vs 274.
+torchvision's and DALI's RandAugment have the same 14 operations and magnitude ranges (DALI is
+given torchvision's translate range and both fill with 128); Cutout follows RandomErasing's
+sampling in both (DALI clamps a too-large rectangle where torchvision redraws it).
+
 Sharding: `shard_id=slot, num_shards=world_size, pad_last_batch=True, stick_to_shard=True`,
 FILL iterator: every rank gets the same number of full batches; for eval the rows past the
 rank's real samples (DALI repeats the last one) get id -1. Train drops the partial last batch
@@ -26,31 +38,36 @@ import torch
 
 from .common import BufferPool, LoaderBase, default_workers, mix_seed
 from .integrity import ShardDataError, find_bad_samples, verify_hint
+from .presets import dali_extras, get_preset, torch_extras
 from .transforms import squash_resize
 
 
 def _pipeline_def():
     from nvidia.dali import fn, pipeline_def, types
 
+    # enable_conditionals is passed per call (RandAugment needs it; the other presets do not)
     @pipeline_def(enable_conditionals=False)
-    def mlic_pipeline(tar_paths, index_paths, *, shard_id, num_shards, train, augment, size,
-                      rrc_scale, rrc_ratio, shuffle_buffer, on_gpu):
+    def mlic_pipeline(tar_paths, index_paths, *, shard_id, num_shards, train, data_cfg, shuffle_buffer,
+                      on_gpu):
+        preset, size = get_preset(data_cfg.augment), data_cfg.size
         jpegs, labels, ids = fn.readers.webdataset(
             paths=tar_paths, index_paths=index_paths, ext=["jpg", "lbl", "id"],
             dtypes=[types.UINT8, types.INT8, types.INT64], missing_component_behavior="error",
             shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True,
             random_shuffle=train, initial_fill=shuffle_buffer, name="Reader")
         decoder = "mixed" if on_gpu else "cpu"
-        if train and augment in ("M2", "M3"):           # decode only the random-resized-crop window
+        if train and preset.crop == "rrc":              # decode only the random-resized-crop window
             images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=types.RGB, random_area=list(rrc_scale),
-                random_aspect_ratio=list(rrc_ratio), num_attempts=10)
+                jpegs, device=decoder, output_type=types.RGB, random_area=list(data_cfg.rrc_scale),
+                random_aspect_ratio=list(data_cfg.rrc_ratio), num_attempts=10)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
         if on_gpu:
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR)  # squash
-            if train and augment != "M0":
+            if train and preset.flip:
                 images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+            if train:                                    # RandAugment / Cutout on the GPU
+                images = dali_extras(images, preset, data_cfg, size)
             return images, labels, ids                   # (B, S, S, 3) uint8 on the GPU
         shapes = images.shape()                          # (B, 3): H, W, C of each crop
         images = fn.pad(images, axes=[0, 1])             # to the batch's largest H, W
@@ -84,6 +101,18 @@ def resize_batch(padded: torch.Tensor, shapes: torch.Tensor, size: int, flips, a
     return out
 
 
+def apply_extras(images: torch.Tensor, extras, seed: int) -> None:
+    """RandAugment / Cutout (torchvision v2, `presets.torch_extras`) in place on (B, S, S, 3)
+    uint8, one image after another in this thread: torchvision draws from torch's global RNG,
+    so it is seeded here for this batch inside `fork_rng` (the trainer's stream -- dropout --
+    is left as it was, and the batch replays exactly)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for j in range(images.shape[0]):
+            chw = images[j].permute(2, 0, 1)             # (3, S, S) view
+            chw.copy_(extras(chw))
+
+
 class _ReadError(Exception):
     """Carries an error raised by DALI's pipeline (building, prefetching, reading a batch)."""
 
@@ -109,10 +138,10 @@ class DaliLoader(LoaderBase):
         cfg = self.cfg
         pipe = _pipeline_def()(
             self.info.tar_paths, self.info.index_paths, shard_id=slot, num_shards=self.world_size,
-            train=self.train, augment=cfg.augment, size=cfg.size, rrc_scale=cfg.rrc_scale,
-            rrc_ratio=cfg.rrc_ratio, shuffle_buffer=max(1, cfg.shuffle_buffer), on_gpu=self.on_gpu,
+            train=self.train, data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer), on_gpu=self.on_gpu,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
-            seed=mix_seed(self.seed, self.epoch, self.rank, 1), prefetch_queue_depth=2)
+            seed=mix_seed(self.seed, self.epoch, self.rank, 1), prefetch_queue_depth=2,
+            enable_conditionals=self.on_gpu and self.train and self.preset.randaugment)
         names = ["images", "labels", "ids"] if self.on_gpu else ["images", "shapes", "labels", "ids"]
         it = DALIGenericIterator([pipe], names, reader_name="Reader", auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.FILL, dynamic_shape=not self.on_gpu)
@@ -124,8 +153,9 @@ class DaliLoader(LoaderBase):
         real = hi - lo
         flip_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 2))
         mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
-        flip = self.train and self.cfg.augment != "M0"
-        crop = self.train and self.cfg.augment in ("M2", "M3")
+        flip = self.train and self.preset.flip
+        crop = self.train and self.preset.crop == "rrc"
+        extras = torch_extras(self.preset, self.cfg) if self.train and not self.on_gpu else None
         pipe = it = None
         b = 0
         try:
@@ -146,6 +176,8 @@ class DaliLoader(LoaderBase):
                     flips = (torch.rand(len(ids), generator=flip_gen) < 0.5).tolist() if flip else [False] * len(ids)
                     images = resize_batch(images, out["shapes"], self.cfg.size, flips, antialias=not crop,
                                           pool=self.pool, buffers=self._u8_buffers)
+                    if extras is not None:
+                        apply_extras(images, extras, mix_seed(self.seed, self.epoch, self.rank, 7, b))
                 yield self._finish(images, out["labels"], ids, mix_gen)
         except _ReadError as read:
             it = pipe = None   # DALI's threads stop once nothing holds the pipeline

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .common import LoaderBase, default_workers, mix_seed
 from .integrity import (REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error,
                         size_problem)
+from .presets import get_preset, torch_extras
 from .transforms import EvalTransform
 
 
@@ -41,19 +42,24 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _transform(train: bool, augment: str, size: int, rrc_scale, rrc_ratio):
+def _transform(train: bool, data_cfg):
+    """The preset's per-image steps (presets.py) on a (3, H, W) uint8 image -> (3, S, S) uint8."""
     from torchvision.transforms import v2
 
+    preset, size = get_preset(data_cfg.augment), data_cfg.size
     if not train:
         return EvalTransform(size)   # the one evaluation transform (predict uses it too)
-    if augment in ("M2", "M3"):
+    if preset.crop == "rrc":
         # mostly upsampling (500 px photos -> 448 crops): no antialias (faster, same result)
-        steps = [v2.RandomResizedCrop((size, size), scale=tuple(rrc_scale), ratio=tuple(rrc_ratio),
-                                      antialias=False)]
+        steps = [v2.RandomResizedCrop((size, size), scale=tuple(data_cfg.rrc_scale),
+                                      ratio=tuple(data_cfg.rrc_ratio), antialias=False)]
     else:
         steps = [v2.Resize((size, size), antialias=True)]   # squash, like the seed's Resize((S, S))
-    if augment != "M0":
+    if preset.flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
+    extras = torch_extras(preset, data_cfg)   # RandAugment / Cutout
+    if extras is not None:
+        steps.append(extras)
     return v2.Compose(steps)
 
 
@@ -185,8 +191,7 @@ class TorchLoader(LoaderBase):
         super().__init__(data_cfg, manifest, split, train=train, rank=rank, world_size=world_size,
                          device=device, seed=seed)
         self.num_workers = default_workers(data_cfg.num_workers)
-        self.transform = _transform(train, data_cfg.augment, data_cfg.size, data_cfg.rrc_scale,
-                                    data_cfg.rrc_ratio)
+        self.transform = _transform(train, data_cfg)
 
     def __iter__(self):
         lo, hi = self._epoch_range()

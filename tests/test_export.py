@@ -1,0 +1,220 @@
+"""mlic_dist.export and mlic_dist.serving on REAL trained runs (tests/ensemble_runs.py): the ONNX
+file run by onnxruntime and the TorchScript file run by torch give back the scores the trainer
+saved for the validation images (a run, and a two-size ensemble), with the run's thresholds and
+classes in their metadata; the MLflow pyfunc model served by `mlflow models serve` answers with
+the labels `predict` gives."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble_runs import isolated_store, train_small_runs
+from mlic_dist import ensemble, rundir
+from mlic_dist.export import export, read_metadata, resize
+from mlic_dist.predict import Predictor, predict_files
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOLERANCE = 0.02   # |probability| vs the trainer's saved scores (its loader decodes with torchvision)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_small_runs(tmp_path_factory.getbasetemp() / "ensemble-runs")
+
+
+@pytest.fixture(scope="module")
+def val_files(trained, tmp_path_factory) -> dict:
+    """key -> the val split's JPEG file, written out of the shard tars."""
+    out = tmp_path_factory.mktemp("export-val")
+    manifest = json.loads((trained.shards / "manifest.json").read_text())
+    files = {}
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(trained.shards / shard["file"]) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    files[Path(member.name).stem] = out / Path(member.name).name
+                    files[Path(member.name).stem].write_bytes(tar.extractfile(member).read())
+    return files
+
+
+@pytest.fixture(scope="module")
+def pair(trained, tmp_path_factory):
+    """A weighted ensemble of the 32 px and 40 px runs (each member resizes to its own size)."""
+    members = [ensemble.member_from_dir(trained.runs[n]) for n in ("m1-32-s0", "m1-40-s0")]
+    return ensemble.build_ensemble(members, "manual", name="pair", weights=[2, 1],
+                                   out=tmp_path_factory.mktemp("export-ens") / "pair").path
+
+
+def test_resize_is_the_eval_transform_bit_for_bit():
+    from mlic_dist.data.transforms import eval_resize
+
+    g = torch.Generator().manual_seed(0)
+    for shape, size in (((2, 3, 48, 64), 32), ((1, 3, 375, 500), 128), ((3, 3, 20, 17), 40)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        assert torch.equal(resize(x, size), eval_resize(x, size))
+
+
+def _onnx_scores(path: Path, images: list[torch.Tensor]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"images": img[None].numpy()})[0] for img in images])
+
+
+@pytest.mark.parametrize("which", ["run", "ensemble"])
+def test_onnx_and_torchscript_reproduce_the_saved_scores(trained, pair, val_files, tmp_path, which):
+    from mlic_dist.data.transforms import load_rgb
+
+    run_dir = trained.runs["m1-32-s0"] if which == "run" else pair
+    run = rundir.load_run(run_dir)
+    val = run.split("val")
+    images = [load_rgb(val_files[k].read_bytes()) for k in val.keys]                    # (3, H, W) uint8
+    # predict's own scores for the same files: the reference the exports must equal
+    predicted = {Path(r["file"]).stem: [r["scores"][c] for c in run.classes]
+                 for r in predict_files(Predictor(run_dir), [val_files[k] for k in val.keys])}
+    predicted = np.array([predicted[k] for k in val.keys])
+
+    onnx_file, ts_file = tmp_path / "model.onnx", tmp_path / "model.pt"
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.export", "--run-dir", str(run_dir), "--format", "onnx",
+                        "--out", str(onnx_file)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1])["max_abs_diff"] < 1e-3
+    export(run_dir, "torchscript", ts_file)
+
+    for path in (onnx_file, ts_file):
+        meta = read_metadata(path)
+        assert meta["classes"] == run.classes
+        assert meta["thresholds"] == [float(t) for t in run.thresholds]             # exactly the run's
+        assert [m["size"] for m in meta["members"]] == ([32] if which == "run" else [32, 40])
+        assert meta["kind"] == which and "uint8 (B, 3, H, W)" in meta["input"]
+    import onnx
+
+    props = {q.key: q.value for q in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(props["thresholds"]) == [float(t) for t in run.thresholds]
+
+    module = torch.jit.load(str(ts_file))
+    with torch.no_grad():
+        ts = torch.cat([module(img[None]) for img in images]).numpy()
+        ts_batch = module(torch.stack(images)).numpy()                                  # a batch of 14
+    ox = _onnx_scores(onnx_file, images)
+    assert ts.shape == ox.shape == val.scores.shape
+    np.testing.assert_allclose(ts, predicted, atol=2e-6)     # the same kernels as predict
+    np.testing.assert_allclose(ts_batch, ts, atol=2e-6)
+    np.testing.assert_allclose(ox, predicted, atol=2e-3)     # onnxruntime's resize rounds differently
+    for got in (ts, ox):
+        assert np.abs(got - val.scores).max() < TOLERANCE     # the run's own saved scores
+    # other image sizes go through the module's own resize
+    big = torch.nn.functional.interpolate(images[0][None].float(), size=(97, 130)).round().to(torch.uint8)
+    with torch.no_grad():
+        np.testing.assert_allclose(_onnx_scores(onnx_file, [big[0]]), module(big).numpy(), atol=2e-3)
+
+
+def test_export_user_errors_are_one_line_with_status_2(trained, tmp_path):
+    bare = tmp_path / "bare"            # a finished run without tracking.json
+    import shutil
+
+    shutil.copytree(trained.runs["m1-32-s0"], bare, ignore=shutil.ignore_patterns("checkpoints", "tracking.json"))
+    for args, needle in (
+        (["--run-dir", tmp_path / "nope", "--format", "onnx", "--out", tmp_path / "m.onnx"], "does not exist"),
+        (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx"], "give --out FILE"),
+        (["--run-dir", bare, "--format", "mlflow"], "has no MLflow run"),
+    ):
+        p = subprocess.run([sys.executable, "-m", "mlic_dist.export", *map(str, args)], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group (the server and its workers), even when the
+    leader is already gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=30)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGKILL)   # stragglers of the group
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    proc.wait()
+
+
+def _post(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val_files, tmp_path, free_port):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    store = isolated_store(trained, tmp_path / "store")
+    run_id = trained.run_ids["m1-40-s0"]
+    run_dir = trained.runs["m1-40-s0"]
+    done = export(run_dir, "mlflow", tracking_uri=store, run_id=run_id, register="mlic-scenes")
+    assert done["model_uri"].startswith("models:/") and done["runs_uri"] == f"runs:/{run_id}/model"
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    (version,) = client.search_model_versions("name='mlic-scenes'")
+    assert done["model_id"] in version.source and version.run_id == run_id
+
+    keys = sorted(val_files)[:5]
+    files = [val_files[k] for k in keys]
+    want = {Path(r["file"]).stem: r for r in predict_files(Predictor(run_dir), files)}
+    # the runs:/ URI (MLflow 2 style) resolves to the same LoggedModel, in process
+    mlflow.set_tracking_uri(store)
+    local = mlflow.pyfunc.load_model(done["runs_uri"]).predict(
+        __import__("pandas").DataFrame({"path": [str(f) for f in files]}))
+    assert [list(x) for x in local["labels"]] == [want[k]["labels"] for k in keys]
+
+    # uvicorn (the scoring server) runs from the venv: its bin directory must be on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": "", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", done["model_uri"], "--env-manager",
+                               "local", "--host", "127.0.0.1", "-p", str(free_port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{free_port}"
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "mlflow models serve did not answer /ping"
+            time.sleep(1)
+        records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files[:3]]
+        records += [{"path": str(f)} for f in files[3:]]
+        records.append({"image": base64.b64encode(b"not an image").decode()})
+        answer = _post(base + "/invocations", {"dataframe_records": records})["predictions"]
+    finally:
+        stop_group(server)
+    assert len(answer) == 6
+    for k, row in zip(keys, answer):
+        assert row["error"] == "" and row["labels"] == want[k]["labels"]
+        np.testing.assert_allclose([row["scores"][c] for c in want[k]["scores"]], list(want[k]["scores"].values()),
+                                   atol=2e-6)
+    assert answer[-1]["labels"] == [] and "image" in answer[-1]["error"]
