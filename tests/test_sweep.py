@@ -220,7 +220,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def _sweep_cli(args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # set by the cluster fixture
+    # RAY_ADDRESS: set by the cluster fixture; MLFLOW_TRACKING_URI: the sweep file says where to track
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
