@@ -38,7 +38,6 @@ DOC_FILES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 # where entry points are exercised: the tests and CI (not this file: its made-up page names flags)
 CORPUS_FILES = [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != "test_docs.py"] + [ROOT / ".ci" / "run"]
 
-MARKERS = ("GPU", "cluster", "Docker")
 TRAILING_MARKER = re.compile(r"#\s*(GPU|cluster|Docker)\s*$")
 BLOCK_MARKER = re.compile(r"^\s*<!--\s*needs:\s*(GPU|cluster|Docker)\s*-->\s*$")
 SHELL_FENCES = ("", "bash", "sh", "shell", "console")
