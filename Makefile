@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-shard bench-loader bench-trainer bench-gpu clean
+.PHONY: venv test demo bench-shard bench-loader bench-trainer bench-gpu bench-paper bench-sota bench-sweep clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,15 @@ bench-loader: venv
 
 bench-trainer: venv
 	$(BIN)/python bench/trainer.py
+
+bench-paper: venv
+	$(BIN)/python bench/paper.py
+
+bench-sota: venv
+	$(BIN)/python bench/sota.py
+
+bench-sweep: venv
+	$(BIN)/python bench/sweep.py
 
 bench-gpu: venv
 	$(BIN)/python bench/gpu.py all --out bench/results

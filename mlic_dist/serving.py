@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -88,6 +90,21 @@ class MlicPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(out, columns=["labels", "scores", "error"])
 
 
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's fluent API for a moment, then the caller's tracking URI and environment back:
+    `mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI, which every process started later
+    (a sweep's trials, a trainer) would inherit and log to."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")   # set_tracking_uri keeps the two equal
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)                # None unsets both
+
+
 def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -132,10 +149,9 @@ def log_model(module, meta: dict, run_dir: Path, tracking_uri: Optional[str] = N
     with tempfile.TemporaryDirectory() as tmp:
         scripted = Path(tmp) / "model.pt"
         diff = export_torchscript(module, meta, scripted)
-        mlflow.set_tracking_uri(uri)
         # log under the run (reopened: MLflow 3 links the LoggedModel to the active run), then
         # give the run back its status (start_run's exit marks it FINISHED)
-        with mlflow.start_run(run_id=run_id, experiment_id=run.info.experiment_id):
+        with _tracking_uri(uri), mlflow.start_run(run_id=run_id, experiment_id=run.info.experiment_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(package / "serving_model.py"),   # models from code
                 artifacts={ARTIFACT: str(scripted)},

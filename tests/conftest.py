@@ -16,3 +16,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI, which every later subprocess (a
+    sweep, a trainer) would inherit and log to: a test that sets it must not leak it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)   # None unsets MLflow's global URI and the variable

@@ -131,20 +131,82 @@ def test_build_reuses_a_matching_build_and_replaces_another(tmp_path):
     assert len(names) == 8 and {f"images/{p.name}" for p in (tmp_path / "images").glob("*.jpg")} == names
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    p = subprocess.run(
-        [sys.executable, "-m", "mlic_dist.demo", "--n-train", "64", "--n-val", "32", "--n-test", "16",
-         "train.epochs=2", "data.size=96", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+MINI = ["--n-train", "64", "--n-val", "32", "--n-test", "16", "train.epochs=2",
+        "grid.model=[{name: mobilenet_v2, model.backbone: mobilenet_v2, model.pretrained: imagenet}]",
+        "grid.data.size=[64,96]", "grid.data.augment=[M1,M2]"]
+
+
+def _demo(args, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "mlic_dist.demo", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_demo_sweeps_ensembles_and_reports_end_to_end(tmp_path):
+    """The demo in miniature (the shipped demo sweep file, narrowed to 2 sizes x 2 augmentations
+    of the pretrained MobileNetV2): scenes -> shards -> a sweep on local Ray with an MLflow server
+    over the local store -> one nested run per trial, ScaleEn / DistrEn / greedy runs beside them
+    -> the report and the runs-page address."""
+    p = _demo(MINI, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sweep = tmp_path / "runs/sweeps/demo"
+    trials = sorted(d for d in sweep.iterdir() if (d / "metrics.json").is_file())
+    assert [d.name for d in trials] == [f"model=mobilenet_v2,size={s},augment={a}" for s in (64, 96) for a in ("M1", "M2")]
+    # Random scores get AP = the positive rate of each class: the best trial must clearly beat that.
+    targets = np.load(trials[0] / "targets_val.npy")                        # (32, 16) in {0, 1}
+    chance = targets.mean(0)[targets.max(0) > 0].mean()
+    best = max(json.loads((d / "metrics.json").read_text())["val"]["mAP"] for d in trials)
+    assert best > chance + 0.08, (best, chance)
+    for kind in ("ScaleEn", "DistrEn", "Greedy selection"):
+        assert kind in p.stdout, f"the printed report lacks {kind}"
+    assert "Single best (val)" in p.stdout and "#/experiments/" in p.stdout and "/runs" in p.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    parent = [r for r in runs if r.data.tags.get("mlic.kind") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    trial_runs = {r.info.run_name for r in children if r.data.tags.get("mlic.kind") not in ("ensemble", "report")}
+    assert trial_runs == {d.name for d in trials}
+    kinds = {r.data.tags.get("mlic.ensemble_kind") for r in children if r.data.tags.get("mlic.kind") == "ensemble"}
+    assert kinds == {"scale", "distr", "greedy"}
+    assert (tmp_path / "data/torch_home/hub/checkpoints/mobilenet_v2-b0353104.pth").is_file()
+
+    # A second demo leaves the first alone: it is demo-2; bad input is one line before anything runs.
+    bad = _demo([*MINI, "grid.data.sise=[64]"], tmp_path, timeout=300)
+    assert bad.returncode == 2 and "data.sise" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "runs/sweeps/demo-2").exists()
+
+
+def test_demo_names_a_new_sweep_and_resumes_the_newest(tmp_path):
+    from mlic_dist.demo import sweep_name
+    from mlic_dist.errors import UserError
+
+    with pytest.raises(UserError, match="no demo sweep"):
+        sweep_name(tmp_path, None, resume=True)
+    assert sweep_name(tmp_path, None, resume=False) == "demo"
+    for name in ("demo", "demo-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text("{}")
+    assert sweep_name(tmp_path, None, resume=False) == "demo-3"
+    os.utime(tmp_path / "demo" / "sweep.json", (2e9, 2e9))               # demo is now the newest
+    assert sweep_name(tmp_path, None, resume=True) == "demo"
+    assert sweep_name(tmp_path, "mine", resume=False) == "mine"
+
+
+def test_demo_single_run_end_to_end(tmp_path):
+    p = _demo(["--single", "--n-train", "64", "--n-val", "32", "--n-test", "16", "train.epochs=2", "data.size=96",
+               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "test mAP" in p.stdout
     run = tmp_path / "runs/demo-scenes"
     metrics = json.loads((run / "metrics.json").read_text())
-    # Random scores get AP = the positive rate of each class: the run must clearly beat that.
     targets = np.load(run / "targets_val.npy")                              # (32, 16) in {0, 1}
     chance = targets.mean(0)[targets.max(0) > 0].mean()
     assert metrics["val"]["mAP"] > chance + 0.08, (metrics["val"]["mAP"], chance)
     assert metrics["test"]["num_samples"] == 16
     assert (tmp_path / "data/shards/scenes/manifest.json").is_file()
-    assert (tmp_path / "data/torch_home/hub/checkpoints/mobilenet_v2-b0353104.pth").is_file()

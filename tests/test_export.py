@@ -172,7 +172,10 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
     store = isolated_store(trained, tmp_path / "store")
     run_id = trained.run_ids["m1-40-s0"]
     run_dir = trained.runs["m1-40-s0"]
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     done = export(run_dir, "mlflow", tracking_uri=store, run_id=run_id, register="mlic-scenes")
+    # later processes (a sweep's trials) inherit the environment: export must leave it as it was
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     assert done["model_uri"].startswith("models:/") and done["runs_uri"] == f"runs:/{run_id}/model"
     client = MlflowClient(store)
     assert client.get_run(run_id).info.status == "FINISHED"

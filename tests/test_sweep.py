@@ -220,7 +220,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def _sweep_cli(args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # set by the cluster fixture
+    # RAY_ADDRESS: set by the cluster fixture; MLFLOW_TRACKING_URI: the sweep file says where to track
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(SWEEP), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -498,3 +499,22 @@ def test_resume_refuses_a_changed_grid_and_a_new_run_refuses_an_old_name(shards,
         check_state(load_sweep(path, ["grid.data.size=[32]"]), resume=True)
     with pytest.raises(SweepError, match="base key train.epochs changed"):
         check_state(load_sweep(path, ["train.epochs=9"]), resume=True)
+
+
+def test_the_ui_hint_names_an_mlflow_the_user_can_run(tmp_path, monkeypatch):
+    """`make demo` does not activate .venv: the hint must name .venv/bin/mlflow, not a bare
+    `mlflow` that PATH does not find."""
+    from mlic_dist.sweep import results
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "mlflow").write_text("#!/bin/sh\n")
+    (bin_dir / "mlflow").chmod(0o755)
+    monkeypatch.setattr(results.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    hint = results.ui_hint(None, "sqlite:////data/mlflow.db", None, "http://127.0.0.1:1", "7")
+    assert hint.startswith("MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:////data/mlflow.db")
+    assert hint.endswith("http://127.0.0.1:5000/#/experiments/7/runs")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")       # an activated environment
+    assert results.ui_hint(None, "sqlite:////d.db", None, "u", "7").startswith("MLflow UI: mlflow ui ")
