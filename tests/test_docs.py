@@ -47,9 +47,9 @@ PYTHONS = {"python", "python3", ".venv/bin/python", ".venv/bin/python3"}
 NESTED_HEADS = PYTHONS | {"accelerate", "torchrun", "mlflow", "ray"}
 FLAG = re.compile(r"^(--[A-Za-z0-9][A-Za-z0-9_-]*)")
 OVERRIDE = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)=(.*)$", re.S)
-# entry points whose key=value arguments are training-config overrides
-CONFIG_ENTRIES = {("module", "mlic_dist.train"), ("module", "mlic_dist.demo"), ("script", "bench/sota.py")}
-SWEEP_ENTRY = ("script", "launch/sweep.py")
+# entry points whose key=value arguments are training-config overrides, or sweep-file overrides
+CONFIG_ENTRIES = {("module", "mlic_dist.train"), ("script", "bench/sota.py")}
+SWEEP_ENTRIES = {("script", "launch/sweep.py"), ("module", "mlic_dist.demo")}   # the demo: unless --single
 
 
 # --------------------------------------------------------------------------- reading the docs
@@ -411,6 +411,10 @@ def run_helps(requests: list[tuple[str, str, list[str]]]) -> list[tuple[int, str
     return [tuple(r) for r in json.loads(p.stdout)]
 
 
+def is_sweep(entry: Entry) -> bool:
+    return (entry.kind, entry.name) in SWEEP_ENTRIES and "--single" not in entry.args
+
+
 def config_problems(entry: Entry) -> list[str]:
     """key=value overrides of a training config or a sweep file that the config would refuse."""
     from mlic_dist.config import Config, ConfigError, apply_overrides, config_from_dict, flatten, to_dict
@@ -418,7 +422,7 @@ def config_problems(entry: Entry) -> list[str]:
     overrides = [t for t in entry.args if OVERRIDE.match(t) and not t.startswith("-")]
     if not overrides:
         return []
-    if (entry.kind, entry.name) == SWEEP_ENTRY:
+    if is_sweep(entry):
         from mlic_dist.sweep.spec import SweepSettings
 
         keys = set(flatten(to_dict(Config())))
@@ -457,7 +461,7 @@ def flag_problems(commands: list[DocCommand], help_of: Callable[[Entry, Optional
             for token in entry.args:
                 if token.startswith("configs/") and not (ROOT / token).exists():
                     problems.append(f"{where}\n    -> {token} does not exist")
-            if (entry.kind, entry.name) in CONFIG_ENTRIES or (entry.kind, entry.name) == SWEEP_ENTRY:
+            if (entry.kind, entry.name) in CONFIG_ENTRIES | SWEEP_ENTRIES:
                 problems += [f"{where}\n    -> {p}" for p in config_problems(entry)]
             if entry.kind == "script" and not (ROOT / entry.name).is_file():
                 problems.append(f"{where}\n    -> {entry.name} does not exist")
