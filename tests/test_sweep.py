@@ -340,6 +340,26 @@ def test_dry_run_lists_every_trial_and_its_resources(shards, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_cli_flags_reach_the_sweep_settings(shards, tmp_path, capsys, monkeypatch):
+    """Each option of launch/sweep.py overrides its `sweep:` setting (the run itself is not started)."""
+    import mlic_dist.sweep.run
+
+    seen = {}
+    monkeypatch.setattr(mlic_dist.sweep.run, "run_sweep", lambda spec, **kw: seen.update(spec=spec, **kw) or 0)
+    path = write_sweep(tmp_path / "flags.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    rc, _ = _main(["--config", str(path), "--workers-per-trial", "2", "--gpus-per-worker", "0.5",
+                   "--cpus-per-worker", "3", "--max-concurrent", "4", "--max-failures", "5", "--asha",
+                   "--resume", "--address", "auto"], capsys)
+    s = seen["spec"].settings
+    assert rc == 0 and (s.workers_per_trial, s.gpus_per_worker, s.cpus_per_worker) == (2, 0.5, 3.0)
+    assert (s.max_concurrent, s.max_failures, s.asha) == (4, 5, True)
+    assert (seen["address"], seen["resume"], seen["dry_run"]) == ("auto", True, False)
+    rc, _ = _main(["--config", str(path)], capsys)   # without flags: the file's (here the defaults)
+    s = seen["spec"].settings
+    assert (s.workers_per_trial, s.gpus_per_worker, s.max_failures, s.asha) == (1, None, 2, False)
+    assert (seen["address"], seen["resume"]) == (None, False)
+
+
 # --------------------------------------------------------------------------- after the trials
 
 
