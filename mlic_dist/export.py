@@ -26,7 +26,7 @@ size, normalize, weight}]; ONNX also gets `classes` and `thresholds` as their ow
 Each export is checked before the command returns: the written file (onnxruntime / torch.jit)
 is run on two images of other sizes and must match the in-memory model.
 Exit status 0; 2 with one line on stderr for a user error (no such run, unfinished run, no MLflow
-run for --format mlflow).
+run for --format mlflow, an --out that cannot be written: checked before the model is loaded).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rundir
+from .destination import check_file
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -193,16 +194,20 @@ def export(run_dir: Path, fmt: str, out: Optional[Path] = None, tracking_uri: Op
         raise ExportError(f"--format {fmt!r} is not valid; choose one of {list(FORMATS)}")
     if fmt != "mlflow" and out is None:
         raise ExportError(f"--format {fmt} writes a file: give --out FILE")
+    if fmt != "mlflow":   # before loading and tracing: a bad --out fails in a second, not at the end
+        out = check_file(out, "--out", ExportError, example="model.onnx" if fmt == "onnx" else "model.pt")
     module, meta = load(run_dir)
     if fmt == "mlflow":
         from .serving import log_model
 
         return log_model(module, meta, run_dir, tracking_uri=tracking_uri, run_id=run_id, register=register)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    diff = export_onnx(module, meta, tmp) if fmt == "onnx" else export_torchscript(module, meta, tmp)
-    tmp.replace(out)
+    try:
+        diff = export_onnx(module, meta, tmp) if fmt == "onnx" else export_torchscript(module, meta, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)   # a failed export leaves no half-written file behind
     return {"format": fmt, "out": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff,
             "classes": len(meta["classes"]), "members": len(meta["members"])}
 

@@ -132,11 +132,15 @@ def test_export_user_errors_are_one_line_with_status_2(trained, tmp_path):
         (["--run-dir", tmp_path / "nope", "--format", "onnx", "--out", tmp_path / "m.onnx"], "does not exist"),
         (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx"], "give --out FILE"),
         (["--run-dir", bare, "--format", "mlflow"], "has no MLflow run"),
+        (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx", "--out", tmp_path], "is a directory"),
+        (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx", "--out", "/proc/nope/m.onnx"],
+         "cannot create files in /proc"),
     ):
         p = subprocess.run([sys.executable, "-m", "mlic_dist.export", *map(str, args)], capture_output=True,
                            text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob(".*tmp*"))       # no half-written export left behind
 
 
 def stop_group(proc: subprocess.Popen) -> None:
