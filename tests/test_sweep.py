@@ -300,6 +300,9 @@ def _main(argv, capsys):
     ("grid.data.augment=[M1,M7]", "M7"),
     ("data.shards=SHARDS/nowhere", "manifest.json"),
     ("grid.data.size=[]", "grid.data.size is an empty list"),
+    ("grid.data.size=[96,", "'grid.data.size=[96,': '[96,' is not valid YAML"),   # the shell ate nothing
+    ("grid.data.size", "'grid.data.size' has no value: write grid.data.size=[v1,v2]"),
+    ("sweep=5", "sweep: must be a mapping of sweep settings, got 5"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(shards, tmp_path, capsys, override, expected):
     import ray
@@ -314,6 +317,13 @@ def test_an_empty_grid_and_a_local_store_on_a_cluster_are_refused(shards, tmp_pa
     path = write_sweep(tmp_path / "empty.yaml", shards, tmp_path / "runs", {})
     rc, cap = _main(["--config", str(path)], capsys)
     assert rc == 2 and "has no grid" in cap.err
+    for section, value in (("sweep", 5), ("grid", [32, 48])):   # a section that is not a mapping
+        doc = yaml.safe_load(path.read_text())
+        doc.update({"grid": {"data.size": [32]}, section: value})
+        (tmp_path / "section.yaml").write_text(yaml.safe_dump(doc))
+        rc, cap = _main(["--config", str(tmp_path / "section.yaml"), "grid.seed=[0,1]"], capsys)
+        assert rc == 2 and f"section.yaml: {section}: must" in cap.err and len(cap.err.strip().splitlines()) == 1
+        assert "Traceback" not in cap.err
     path = write_sweep(tmp_path / "local.yaml", shards, tmp_path / "runs", {"data.size": [32]})
     rc, cap = _main(["--config", str(path), "--address", "auto"], capsys)
     assert rc == 2 and "local file store" in cap.err and "tracking.uri=http://" in cap.err
