@@ -148,6 +148,7 @@ def log_model(module, meta: dict, run_dir: Path, tracking_uri: Optional[str] = N
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         scripted = Path(tmp) / "model.pt"
+        # checked against the in-memory model first: raises ExportCheckError, and nothing is logged
         diff = export_torchscript(module, meta, scripted)
         # log under the run (reopened: MLflow 3 links the LoggedModel to the active run), then
         # give the run back its status (start_run's exit marks it FINISHED)

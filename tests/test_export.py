@@ -143,6 +143,46 @@ def test_export_user_errors_are_one_line_with_status_2(trained, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))       # no half-written export left behind
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "mlflow"])
+def test_an_export_that_does_not_compute_the_model_is_refused_and_not_kept(trained, tmp_path, monkeypatch,
+                                                                           capsys, fmt):
+    """The exporter writes a model whose probabilities are 0.8x the trained ones (what a wrongly
+    traced branch or a converter bug would do): the file check refuses it (exit 1, one line),
+    no file stays, and MLflow gets no model."""
+    import copy
+
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.export import main
+
+    def other_model(module):
+        wrong = copy.deepcopy(module)
+        with torch.no_grad():
+            wrong.weights.mul_(0.8)           # the members' fusion weights: every probability x 0.8
+        return wrong
+
+    real_trace, real_onnx = torch.jit.trace, torch.onnx.export
+    monkeypatch.setattr(torch.jit, "trace", lambda m, *a, **k: real_trace(other_model(m), *a, **k))
+    monkeypatch.setattr(torch.onnx, "export", lambda m, *a, **k: real_onnx(other_model(m), *a, **k))
+    name = "m1-32-s0"
+    if fmt == "mlflow":
+        store = isolated_store(trained, tmp_path / "store")
+        argv = ["--run", trained.run_ids[name], "--tracking-uri", store, "--format", "mlflow"]
+    else:
+        argv = ["--run-dir", str(trained.runs[name]), "--format", fmt, "--out", str(tmp_path / "model.bin")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the exported {'ONNX' if fmt == 'onnx' else 'TorchScript'} model differs")
+    assert "not kept" in err and len(err.strip().splitlines()) == 1
+    if fmt == "mlflow":
+        client = MlflowClient(store)
+        run = client.get_run(trained.run_ids[name])
+        assert list(client.search_logged_models([run.info.experiment_id])) == []
+        assert run.info.status == "FINISHED"
+    else:
+        assert not (tmp_path / "model.bin").exists() and list(tmp_path.iterdir()) == []
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL, to the process group (the server and its workers), even when the
     leader is already gone."""
