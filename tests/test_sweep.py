@@ -400,6 +400,36 @@ def test_settling_completes_finished_trials_from_their_directories_and_closes_th
     assert table(results).splitlines()[2].startswith("| a | finished | 2 | 0.9000 | " + partial)
 
 
+def test_the_best_val_map_counts_the_weight_ema_where_it_won(shards, tmp_path):
+    """With train.ema_decay the EMA competes with the raw weights for best_model.pt: the trial
+    table, the parent run's best_val_mAP and the progress view take the better of the two."""
+    import io
+    import types
+
+    from mlic_dist import rundir
+    from mlic_dist.sweep.progress import ProgressView
+    from mlic_dist.sweep.results import outcomes, table
+
+    path = write_sweep(tmp_path / "ema.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    spec = load_sweep(path, ["train.ema_decay=0.9"])
+    a, b = spec.trials()
+    # (val_mAP, val_mAP_ema) per epoch, as the trainer writes them: the EMA wins a's last epoch
+    curves = {a.name: [(0.50, 0.55), (0.60, 0.72)], b.name: [(0.65, 0.60), (0.70, float("nan"))]}
+    for t in (a, b):
+        t.output_dir.mkdir(parents=True)
+        rundir.write_history(t.output_dir, [{"epoch": e, "val_mAP": raw, "val_mAP_ema": ema}
+                                            for e, (raw, ema) in enumerate(curves[t.name])])
+    grid = [types.SimpleNamespace(config=dict(t.point), error=None, metrics={}) for t in (a, b)]
+    results = outcomes(grid, spec)
+    assert [(o.name, o.epochs, o.best_val_mAP) for o in results] == [(a.name, 2, 0.72), (b.name, 2, 0.70)]
+    assert table(results).splitlines()[2].startswith(f"| {a.name} | stopped early | 2 | 0.7200 |")
+    view = ProgressView(2, stream=io.StringIO())
+    for t in (a, b):
+        for e, (raw, ema) in enumerate(curves[t.name]):
+            view.on_trial_result(e, [], t.name, {"epochs_done": e + 1, "val_mAP": raw, "val_mAP_ema": ema})
+    assert view.best == (0.72, a.name) and "best val_mAP 0.7200 " + a.name in view.summary()
+
+
 def test_a_killed_trial_driver_gives_its_workers_placement_group_back():
     """A trial's driver killed by Tune (ASHA) leaves its Ray Train workers' placement group behind
     (it lives as long as the job); the releaser removes it when Tune reports the trial over."""
