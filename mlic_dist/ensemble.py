@@ -44,7 +44,8 @@ import numpy as np
 from . import metrics, rundir
 from . import mlflow_query as mq
 from .destination import check_dir
-from .ensemble_selection import VARY, Group, digest, find_groups, greedy_select, is_model_key
+from .config import is_model_key
+from .ensemble_selection import VARY, Group, digest, find_groups, greedy_select
 from .fusion import AlignedSplit, EnsembleError, Member, align, check_weights, fuse, member_from_dir  # noqa: F401
 
 KINDS = ("scale", "distr", "greedy")
