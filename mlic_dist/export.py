@@ -198,17 +198,6 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(extra[META_KEY + ".json"])
 
 
-def resolve_run_dir(run_dir: Optional[Path], run_id: Optional[str], tracking_uri: Optional[str]) -> Path:
-    if run_dir is not None:
-        return run_dir
-    from . import mlflow_query as mq
-
-    try:
-        return mq.run_dir_of(mq.get_run(mq.connect(tracking_uri), run_id))
-    except mq.TrackingQueryError as e:
-        raise ExportError(str(e)) from None
-
-
 def export(run_dir: Path, fmt: str, out: Optional[Path] = None, tracking_uri: Optional[str] = None,
            run_id: Optional[str] = None, register: Optional[str] = None) -> dict:
     """Write (onnx, torchscript) or log (mlflow) the model; returns what was done."""
@@ -248,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import mlflow_query as mq
+
     args = build_parser().parse_args(argv)
+    mq.fail_fast_http()
     try:
-        run_dir = resolve_run_dir(args.run_dir, args.run, args.tracking_uri)
+        run_dir = mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri)
         result = export(run_dir, args.format, args.out, args.tracking_uri, args.run, args.register)
     except UserError as e:   # not ExportError: run as __main__, this module's class is another object
         print(f"error: {e}", file=sys.stderr)

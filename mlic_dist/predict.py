@@ -198,14 +198,6 @@ def write_records(records: Iterable[dict], classes: list[str], fmt: str, out) ->
     return n, errors
 
 
-def run_dir_for(args) -> Path:
-    if args.run_dir is not None:
-        return args.run_dir
-    from . import mlflow_query as mq
-
-    return mq.run_dir_of(mq.get_run(mq.connect(args.tracking_uri), args.run))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out is not None:   # before any image is predicted
             check_file(args.out, "--out", PredictError, example=f"preds.{args.format}")
         files = find_images(args.inputs)
-        predictor = Predictor(run_dir_for(args), args.device)
+        predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device)
     except (PredictError, rundir.RunDirError, mq.TrackingQueryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,27 @@ def test_an_export_that_does_not_compute_the_model_is_refused_and_not_kept(train
         assert not (tmp_path / "model.bin").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_predict_and_export_find_a_run_id_through_mlflow_query(trained, tmp_path, capsys):
+    """`--run RUN_ID` means the same in both commands (mlflow_query.resolve_run_dir): the run's
+    run_dir tag, or one line naming the run id that is not there."""
+    from mlic_dist import mlflow_query as mq
+    from mlic_dist.export import main as export_main
+    from mlic_dist.predict import main as predict_main
+
+    store = isolated_store(trained, tmp_path / "store")
+    name = "m1-40-s0"
+    assert mq.resolve_run_dir(None, trained.run_ids[name], store) == trained.runs[name]
+    assert mq.resolve_run_dir(tmp_path, "ignored", None) == tmp_path
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    errors = []
+    for main, argv in ((predict_main, [str(tmp_path / "a.jpg")]),
+                       (export_main, ["--format", "onnx", "--out", str(tmp_path / "m.onnx")])):
+        assert main(["--run", "0123abcd", "--tracking-uri", store, *argv]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and errors[0].startswith("error: MLflow run '0123abcd' not found at ")
+    assert len(errors[0].strip().splitlines()) == 1
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL, to the process group (the server and its workers), even when the
     leader is already gone."""
