@@ -9,6 +9,8 @@ a test that trains and ensembles over HTTP, and the UI screenshots therefore tal
 The server binds 127.0.0.1 unless told otherwise and runs in its own process group; `stop()`
 (also on an exception, and at interpreter exit) ends the whole group, uvicorn's and huey's
 children included (MLflow 3 leaves huey consumers behind when only the parent is killed).
+`stop_group(pgid)` is that ending, for any process group (a sweep's --resume also stops a
+server its killed predecessor left running with it).
 """
 from __future__ import annotations
 
@@ -22,6 +24,43 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+
+def _alive(pid: int) -> bool:
+    """A process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_group(pgid: int, timeout_s: float = 15.0, proc: Optional[subprocess.Popen] = None) -> bool:
+    """End the process group `pgid` (a server and its children): SIGTERM, up to `timeout_s` for
+    its leader to exit, then SIGKILL for whatever is left (huey consumers outlive the leader).
+    `proc`: the leader's Popen where this process started it (it is reaped). Returns True when
+    the leader was running (and was stopped), False when it was gone already or is not ours."""
+    leader_alive = (lambda: proc.poll() is None) if proc is not None else (lambda: _alive(pgid))
+    stopped = False
+    if leader_alive():
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            stopped = True
+        except (ProcessLookupError, PermissionError):
+            return False
+        deadline = time.time() + timeout_s
+        while leader_alive() and time.time() < deadline:
+            time.sleep(0.1)
+    try:   # also when the leader had exited: its children may still be in the group
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc is not None:
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    return stopped
 
 
 class MlflowServerError(RuntimeError):
@@ -109,22 +148,8 @@ class MlflowServer:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if proc is not None:
-            try:  # children that outlived the leader (huey consumers) are still in the group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if proc is not None:   # also when the leader is gone: its children may still be in the group
+            stop_group(proc.pid, timeout_s, proc)
         if self._log is not None:
             self._log.close()
             self._log = None

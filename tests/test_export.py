@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import torch
 from ensemble_runs import isolated_store, train_small_runs
 from mlic_dist import ensemble, rundir
 from mlic_dist.export import export, read_metadata, resize
+from mlic_dist.mlflow_server import stop_group
 from mlic_dist.predict import Predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,25 +204,6 @@ def test_predict_and_export_find_a_run_id_through_mlflow_query(trained, tmp_path
     assert len(errors[0].strip().splitlines()) == 1
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group (the server and its workers), even when the
-    leader is already gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=30)
-            if sig == signal.SIGTERM:
-                os.killpg(proc.pid, signal.SIGKILL)   # stragglers of the group
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    proc.wait()
-
-
 def _post(url: str, payload: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -279,7 +260,7 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
         records.append({"image": base64.b64encode(b"not an image").decode()})
         answer = _post(base + "/invocations", {"dataframe_records": records})["predictions"]
     finally:
-        stop_group(server)
+        stop_group(server.pid, 30.0, server)   # the scoring server and its workers
     assert len(answer) == 6
     for k, row in zip(keys, answer):
         assert row["error"] == "" and row["labels"] == want[k]["labels"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -68,23 +67,6 @@ def stop_stale_server(state: dict, store: str, timeout_s: float = 10.0) -> bool:
         return False  # gone (or not Linux)
     if "mlflow" not in cmdline or "server" not in cmdline or store not in cmdline:
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)  # its own session: the group is the server and its children
-    except (ProcessLookupError, PermissionError):
-        return False
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.2)
-    try:  # children that outlived the leader (huey consumers)
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return True
+    from ..mlflow_server import stop_group
 
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    return stop_group(pid, timeout_s)   # its own session: the group is the server and its children
