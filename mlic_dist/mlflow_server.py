@@ -9,8 +9,14 @@ a test that trains and ensembles over HTTP, and the UI screenshots therefore tal
 The server binds 127.0.0.1 unless told otherwise and runs in its own process group; `stop()`
 (also on an exception, and at interpreter exit) ends the whole group, uvicorn's and huey's
 children included (MLflow 3 leaves huey consumers behind when only the parent is killed).
-`stop_group(pgid)` is that ending, for any process group (a sweep's --resume also stops a
-server its killed predecessor left running with it).
+`stop_group(pgid)` is that ending, for any process group.
+
+A process that is SIGKILLed runs no cleanup, and a server in its own session would outlive it
+forever. So the group's leader is a small watchdog (`WATCHDOG`, stdlib only, `python -I -c`)
+that starts the server as its child and, once the process that started it is gone (its parent
+pid changes), ends the group: SIGTERM, 3 s, SIGKILL. `proc.pid` is the watchdog's pid = the
+group id, and its command line holds the server's. A sweep's --resume still stops a left-over
+server (sweep.state.stop_stale_server), should one outlive its watchdog.
 """
 from __future__ import annotations
 
@@ -24,6 +30,30 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+
+# argv: the pid to outlive, then the server's command. SIGTERM (stop()) reaches the whole group:
+# the watchdog ignores it and exits with the server's status once the server has exited.
+WATCHDOG = """
+import os, signal, subprocess, sys, threading, time
+watched = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: None)   # after Popen: the server keeps the default action
+
+def watch():
+    while os.getppid() == watched:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGTERM)
+    try:
+        server.wait(3)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(0, signal.SIGKILL)
+
+threading.Thread(target=watch, daemon=True).start()
+status = server.wait()
+sys.exit(status if status >= 0 else 128 - status)   # killed by signal N: 128 + N, as a shell says
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -111,8 +141,10 @@ class MlflowServer:
 
             self._log = tempfile.TemporaryFile()
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_uri}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)   # its own process group: stop() ends all
+        # its own process group (stop() ends all of it), led by the watchdog that ends it when
+        # this process dies without stopping it (SIGKILL)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), *cmd],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         atexit.register(self.stop)
         try:
             self._wait_healthy()

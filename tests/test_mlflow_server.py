@@ -1,8 +1,9 @@
-"""mlic_dist.mlflow_server with real processes: `stop_group` ends a whole process group (children
-that ignore SIGTERM too); a sweep's --resume stops a server left alive (stop_stale_server), with
-the same function, and nothing else."""
+"""mlic_dist.mlflow_server with real `mlflow server` processes: `stop_group` ends a whole process
+group (children that ignore SIGTERM too); the server's watchdog ends it when the process that
+started it is SIGKILLed; a sweep's --resume still stops a server left alive (stop_stale_server)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from mlic_dist.mlflow_server import MlflowServer, stop_group
 from mlic_dist.sweep.state import stop_stale_server
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def group(pgid: int) -> list[int]:
@@ -55,10 +57,28 @@ def test_stop_group_ends_the_leader_and_children_that_ignore_sigterm():
     assert not stop_group(leader.pid, timeout_s=1.0)   # nothing left to stop
 
 
+def test_the_server_ends_when_the_process_that_started_it_is_sigkilled(tmp_path):
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mlic_dist.mlflow_server import MlflowServer; "
+         "s = MlflowServer(sys.argv[1]).start(); print(s.proc.pid, s.port, flush=True); time.sleep(600)",
+         f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pgid, port = map(int, owner.stdout.readline().split())
+        assert answers(port) and len(group(pgid)) >= 2          # the watchdog and the server (and workers)
+        owner.kill()                                             # no atexit, no stop(): only the watchdog
+        owner.wait()
+        assert wait_gone(pgid, 15.0) < 15.0, f"still running: {group(pgid)}"
+        assert not answers(port)
+    finally:
+        owner.kill()
+        stop_group(pgid, 1.0) if "pgid" in locals() else None
+
+
 def test_resume_still_stops_a_server_left_alive_and_nothing_else(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-    with MlflowServer(store) as server:
+    with MlflowServer(store) as server:                      # alive: its watchdog watches this process
         pgid, port = server.proc.pid, server.port
         try:
             # a state naming another store, or a process that is not an mlflow server: untouched

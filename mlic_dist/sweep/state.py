@@ -3,7 +3,9 @@ and the `mlflow server` it started, so that `--resume` continues the same sweep.
 
 A new sweep must not find the file (it would mix two sweeps' trials); a --resume must find one
 recording the same base config and grid. A sweep that was killed (SIGKILL) cannot stop the
-server it started (the server runs in its own session); --resume stops it before starting its own.
+server it started (the server runs in its own session): the server's watchdog ends it within
+seconds (mlic_dist.mlflow_server); should one still be alive, --resume stops it before starting
+its own.
 """
 from __future__ import annotations
 
