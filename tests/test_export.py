@@ -211,9 +211,13 @@ def _post(url: str, payload: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val_files, tmp_path, free_port):
+def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val_files, tmp_path, free_port,
+                                                              monkeypatch):
     import mlflow
+    import pandas as pd
     from mlflow.tracking import MlflowClient
+
+    from mlic_dist.serving import PATHS_ENV
 
     store = isolated_store(trained, tmp_path / "store")
     run_id = trained.run_ids["m1-40-s0"]
@@ -233,12 +237,25 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
     want = {Path(r["file"]).stem: r for r in predict_files(Predictor(run_dir), files)}
     # the runs:/ URI (MLflow 2 style) resolves to the same LoggedModel, in process
     mlflow.set_tracking_uri(store)
-    local = mlflow.pyfunc.load_model(done["runs_uri"]).predict(
-        __import__("pandas").DataFrame({"path": [str(f) for f in files]}))
+    model = mlflow.pyfunc.load_model(done["runs_uri"])
+    by_path = pd.DataFrame({"path": [str(f) for f in files]})
+    # reading files by path is off unless the server's environment names the directory it may read
+    monkeypatch.delenv(PATHS_ENV, raising=False)
+    off = model.predict(by_path)
+    assert all(PATHS_ENV in e and "'image'" in e for e in off["error"]) and all(len(x) == 0 for x in off["labels"])
+    monkeypatch.setenv(PATHS_ENV, str(files[0].parent))
+    local = model.predict(by_path)
+    assert list(local["error"]) == [""] * len(files)
     assert [list(x) for x in local["labels"]] == [want[k]["labels"] for k in keys]
+    (tmp_path / "secret.jpg").write_bytes(files[0].read_bytes())
+    for outside in (tmp_path / "secret.jpg", files[0].parent / ".." / tmp_path.name / "secret.jpg"):
+        (err,) = model.predict(pd.DataFrame({"path": [str(outside)]}))["error"]
+        assert "is outside" in err, err
+    monkeypatch.delenv(PATHS_ENV)
 
     # uvicorn (the scoring server) runs from the venv: its bin directory must be on PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": "", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop(PATHS_ENV, None)
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", done["model_uri"], "--env-manager",
                                "local", "--host", "127.0.0.1", "-p", str(free_port)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -255,15 +272,16 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
             assert server.poll() is None, server.stdout.read().decode()[-3000:]
             assert time.time() < deadline, "mlflow models serve did not answer /ping"
             time.sleep(1)
-        records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files[:3]]
-        records += [{"path": str(f)} for f in files[3:]]
+        records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
         records.append({"image": base64.b64encode(b"not an image").decode()})
+        records.append({"path": str(files[0])})          # a client asks the server to read a file
         answer = _post(base + "/invocations", {"dataframe_records": records})["predictions"]
     finally:
         stop_group(server.pid, 30.0, server)   # the scoring server and its workers
-    assert len(answer) == 6
+    assert len(answer) == 7
     for k, row in zip(keys, answer):
         assert row["error"] == "" and row["labels"] == want[k]["labels"]
         np.testing.assert_allclose([row["scores"][c] for c in want[k]["scores"]], list(want[k]["scores"].values()),
                                    atol=2e-6)
-    assert answer[-1]["labels"] == [] and "image" in answer[-1]["error"]
+    assert answer[5]["labels"] == [] and "image" in answer[5]["error"]
+    assert answer[6]["labels"] == [] and "column 'path' is off" in answer[6]["error"]
