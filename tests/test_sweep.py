@@ -448,6 +448,41 @@ def test_the_best_val_map_counts_the_weight_ema_where_it_won(shards, tmp_path):
     assert view.best == (0.72, a.name) and "best val_mAP 0.7200 " + a.name in view.summary()
 
 
+def test_the_sweeps_own_ray_listens_on_loopback_only():
+    """Without --address the sweep starts Ray here; every server of it (GCS, raylet, object
+    manager, workers, runtime-env agent) must listen on 127.0.0.1, not on every interface."""
+    import ipaddress
+
+    import psutil
+    import ray
+    from ray._private import ray_constants
+
+    from mlic_dist.sweep.cluster import LOOPBACK_ENV, connect
+
+    connect(None)
+    try:
+        @ray.remote
+        def node_ip():
+            return ray.util.get_node_ip_address()
+
+        assert ray.get(node_ip.remote()) == "127.0.0.1"          # a worker started (it listens too)
+        ours = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+        ours[os.getpid()] = "driver"
+        listening = [(c.laddr.ip, ours[c.pid]) for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        names = {n for _, n in listening}
+        assert {"gcs_server", "raylet"} <= names and len(listening) >= 5, listening
+
+        def loopback(ip):
+            a = ipaddress.ip_address(ip)
+            return (getattr(a, "ipv4_mapped", None) or a).is_loopback
+        assert all(loopback(ip) for ip, _ in listening), [x for x in listening if not loopback(x[0])]
+    finally:
+        ray.shutdown()
+    # the switch is put back: a later ray.init in this process (a cluster) gets the routable address
+    assert ray_constants.ENABLE_RAY_CLUSTER and LOOPBACK_ENV not in os.environ
+
+
 def test_a_killed_trial_driver_gives_its_workers_placement_group_back():
     """A trial's driver killed by Tune (ASHA) leaves its Ray Train workers' placement group behind
     (it lives as long as the job); the releaser removes it when Tune reports the trial over."""
