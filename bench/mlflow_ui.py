@@ -135,10 +135,15 @@ def capture(store: str, experiment: str, out: Path, size: tuple[int, int]) -> di
         metrics = set().union(*(r.data.metrics for r in runs))
         params = set().union(*(r.data.params for r in runs))
         columns = [m for m in METRIC_COLUMNS if m in metrics][:3] + [p for p in PARAM_COLUMNS if p in params]
-        headers = show_runs_table(browser, runs_url(server.uri, exp.experiment_id),
-                                  [r.info.run_name for r in runs], columns)
+        # Nested runs (a sweep's trials, its ensembles and report) show once their parent is
+        # expanded: wait for a top-level run first.
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        names = list(dict.fromkeys(r.info.run_name for r in [*top, *runs]))
+        headers = show_runs_table(browser, runs_url(server.uri, exp.experiment_id), names, columns)
         shots = {"runs": str(browser.screenshot(out / "mlflow-ui-runs.png"))}
-        compared = [r for r in runs if r.data.metrics][:4]
+        # the four best on test: the best trials and the ensembles that rival them
+        compared = sorted((r for r in runs if "test_mAP" in r.data.metrics),
+                          key=lambda r: -r.data.metrics["test_mAP"])[:4] or [r for r in runs if r.data.metrics][:4]
         if compared:
             browser.navigate(compare_url(server.uri, exp.experiment_id, [r.info.run_id for r in compared]))
             browser.wait_for(f"document.body.innerText.includes({json.dumps(compared[-1].info.run_name)}) && "

@@ -122,6 +122,7 @@ def run_demo_sweep(args, shards: Path) -> int:
 
 def run_single(args, shards: Path) -> int:
     from .config import load_config
+    from .sweep.results import mlflow_command
     from .train import train
 
     path = Path(args.config) if args.config else config_path("configs/demo/scenes.yaml")
@@ -131,7 +132,9 @@ def run_single(args, shards: Path) -> int:
     result = train(cfg)
     print(f"\nrun directory: {cfg.train.output_dir}\n"
           f"val mAP {result['val']['mAP']:.4f}, test mAP {result.get('test', {}).get('mAP', float('nan')):.4f}\n"
-          f"MLflow UI:     mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1", flush=True)
+          f"MLflow UI:     {mlflow_command()} ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1\n"
+          f"  then open http://127.0.0.1:5000/#/experiments (the experiment {cfg.tracking.experiment!r}, Training runs)",
+          flush=True)
     return 0
 
 

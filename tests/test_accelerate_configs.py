@@ -59,6 +59,27 @@ def test_resolves_to_the_documented_launch(name):
         assert args.machine_rank == 1 and args.num_processes == processes
 
 
+@pytest.mark.parametrize("flags, name", [
+    (["--multi_gpu", "--num_processes", "8"], "1node-8gpu.yaml"),
+    (["--multi_gpu", "--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "10.0.0.1",
+      "--main_process_port", "29500", "--num_processes", "16"], "2node-8gpu.yaml"),
+], ids=["1node-8gpu", "2node-8gpu"])
+def test_the_readmes_flag_only_launches_match_the_files(flags, name):
+    """The README's `accelerate launch --multi_gpu ...` lines (no config file) resolve to the same
+    processes, machines and rendezvous as the config file of that setup; precision aside (without
+    a file accelerate's default is "no"; train.mixed_precision still applies inside train())."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    def resolve(argv):
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
+            [*argv, "-m", "mlic_dist.train", "--config", "x.yaml"]))
+        several = args.num_machines > 1   # one node: accelerate picks a free local port itself
+        return (args.multi_gpu, args.num_processes, args.num_machines, args.training_script_args,
+                (args.machine_rank, args.main_process_ip, args.main_process_port) if several else None)
+
+    assert resolve(flags) == resolve(["--config_file", str(CONFIG_DIR / name)])
+
+
 def test_accelerate_launch_with_cpu_yaml_trains(tmp_path):
     shards = build_small_shards(tmp_path / "data", n_train=24, n_val=8, n_test=8, num_classes=4,
                                 samples_per_shard=9)

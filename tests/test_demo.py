@@ -210,3 +210,10 @@ def test_demo_single_run_end_to_end(tmp_path):
     assert metrics["val"]["mAP"] > chance + 0.08, (metrics["val"]["mAP"], chance)
     assert metrics["test"]["num_samples"] == 16
     assert (tmp_path / "data/shards/scenes/manifest.json").is_file()
+
+
+def test_demo_resume_without_a_demo_to_resume_is_one_line(tmp_path):
+    p = _demo(["--resume", "--n-train", "16", "--n-val", "8", "--n-test", "8"], tmp_path, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]   # (above it: the shard progress bar)
+    assert len(errors) == 1 and "no demo sweep" in errors[0] and not (tmp_path / "runs").exists()

@@ -83,9 +83,11 @@ def test_fused_scores_are_the_row_mean_after_alignment_by_key(trained, tmp_path,
 
 def test_weights_give_the_weighted_mean(trained, tmp_path, capsys):
     a, b = trained.runs["m1-32-s0"], trained.runs["m2-32-s0"]
-    rc, _, _ = run_cli(["--run-dirs", a, b, "--weights", "3", "1", "--out", tmp_path / "w", "--no-tracking"], capsys)
+    rc, _, _ = run_cli(["--run-dirs", a, b, "--weights", "3", "1", "--name", "mine", "--out", tmp_path / "w",
+                        "--no-tracking"], capsys)
     assert rc == 0
     fused = rundir.load_run(tmp_path / "w")
+    assert fused.ensemble["name"] == "mine"
     ra, rb = by_key(a, "val"), by_key(b, "val")
     want = np.stack([(3 * ra[k][0] + rb[k][0]) / 4 for k in fused.split("val").keys])
     np.testing.assert_allclose(fused.split("val").scores, want, atol=1e-6)

@@ -212,18 +212,23 @@ def _post(url: str, payload: dict) -> dict:
 
 
 def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val_files, tmp_path, free_port,
-                                                              monkeypatch):
+                                                              capsys, monkeypatch):
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
+    import mlic_dist.export
     from mlic_dist.serving import PATHS_ENV
 
     store = isolated_store(trained, tmp_path / "store")
     run_id = trained.run_ids["m1-40-s0"]
     run_dir = trained.runs["m1-40-s0"]
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    done = export(run_dir, "mlflow", tracking_uri=store, run_id=run_id, register="mlic-scenes")
+    # the command line (the README's): the run found through MLflow, logged there and registered
+    capsys.readouterr()
+    assert mlic_dist.export.main(["--run", run_id, "--tracking-uri", store, "--format", "mlflow",
+                                  "--register", "mlic-scenes"]) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # later processes (a sweep's trials) inherit the environment: export must leave it as it was
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     assert done["model_uri"].startswith("models:/") and done["runs_uri"] == f"runs:/{run_id}/model"

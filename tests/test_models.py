@@ -112,6 +112,14 @@ def test_models_cli_says_where_each_weights_file_goes(tmp_path, monkeypatch):
     assert "present" in lines["mobilenet_v2 mobilenet_v2-b0353104.pth"]
     assert "missing" in lines["mobilenet_v2 mobilenet_v2-7ebf99e0.pth"]
     assert str(target) in lines["mobilenet_v2 mobilenet_v2-b0353104.pth"]
+    # --json: the same facts, one object a line, for scripts
+    out = subprocess.run([sys.executable, "-m", "mlic_dist.models", "--json"], capture_output=True, text=True,
+                         env=env).stdout
+    rows = {(r["model"], r["weights"]): r for r in map(__import__("json").loads, out.splitlines())}
+    v1 = rows[("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1")]
+    v2 = rows[("mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V2")]
+    assert (v1["present"], v1["path"], v1["url"]) == (True, str(target), MobileNet_V2_Weights.IMAGENET1K_V1.url)
+    assert v2["present"] is False and rows[("advanced_cnn", None)]["path"] is None
     # and create_model takes the present (non-DEFAULT) version offline
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     create_model("mobilenet_v2", 3, pretrained="imagenet")

@@ -368,6 +368,26 @@ def test_dry_run_lists_every_trial_and_its_resources(shards, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_cli_flags_reach_the_sweep_settings(shards, tmp_path, capsys, monkeypatch):
+    """Each option of launch/sweep.py overrides its `sweep:` setting (the run itself is not started)."""
+    import mlic_dist.sweep.run
+
+    seen = {}
+    monkeypatch.setattr(mlic_dist.sweep.run, "run_sweep", lambda spec, **kw: seen.update(spec=spec, **kw) or 0)
+    path = write_sweep(tmp_path / "flags.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    rc, _ = _main(["--config", str(path), "--workers-per-trial", "2", "--gpus-per-worker", "0.5",
+                   "--cpus-per-worker", "3", "--max-concurrent", "4", "--max-failures", "5", "--asha",
+                   "--resume", "--address", "auto"], capsys)
+    s = seen["spec"].settings
+    assert rc == 0 and (s.workers_per_trial, s.gpus_per_worker, s.cpus_per_worker) == (2, 0.5, 3.0)
+    assert (s.max_concurrent, s.max_failures, s.asha) == (4, 5, True)
+    assert (seen["address"], seen["resume"], seen["dry_run"]) == ("auto", True, False)
+    rc, _ = _main(["--config", str(path)], capsys)   # without flags: the file's (here the defaults)
+    s = seen["spec"].settings
+    assert (s.workers_per_trial, s.gpus_per_worker, s.max_failures, s.asha) == (1, None, 2, False)
+    assert (seen["address"], seen["resume"]) == (None, False)
+
+
 # --------------------------------------------------------------------------- after the trials
 
 
@@ -572,3 +592,22 @@ def test_resume_refuses_a_changed_grid_and_a_new_run_refuses_an_old_name(shards,
         check_state(load_sweep(path, ["grid.data.size=[32]"]), resume=True)
     with pytest.raises(SweepError, match="base key train.epochs changed"):
         check_state(load_sweep(path, ["train.epochs=9"]), resume=True)
+
+
+def test_the_ui_hint_names_an_mlflow_the_user_can_run(tmp_path, monkeypatch):
+    """`make demo` does not activate .venv: the hint must name .venv/bin/mlflow, not a bare
+    `mlflow` that PATH does not find."""
+    from mlic_dist.sweep import results
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "mlflow").write_text("#!/bin/sh\n")
+    (bin_dir / "mlflow").chmod(0o755)
+    monkeypatch.setattr(results.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    hint = results.ui_hint(None, "sqlite:////data/mlflow.db", None, "http://127.0.0.1:1", "7")
+    assert hint.startswith("MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:////data/mlflow.db")
+    assert hint.endswith("http://127.0.0.1:5000/#/experiments/7/runs")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")       # an activated environment
+    assert results.ui_hint(None, "sqlite:////d.db", None, "u", "7").startswith("MLflow UI: mlflow ui ")

@@ -358,3 +358,54 @@ def test_a_given_up_tracker_stops_its_thread(tmp_path, free_port, monkeypatch):
         assert not t.finish()
     t._thread.join(30)
     assert not t._thread.is_alive() and len(t._queue) == 2  # start and end were never sent
+
+
+def test_the_documented_mlflow_ui_command_shows_the_stores_runs(tmp_path, free_port):
+    """`mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1` (README, docs, the
+    demo's and the sweep's closing hint), run where the store is: it serves that store's runs."""
+    import signal
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.tracking import init_sqlite_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    init_sqlite_store(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("demo")
+    run = client.create_run(exp, tags={"mlflow.runName": "size=96,augment=M1"}).info.run_id
+    client.log_metric(run, "val_mAP", 0.71)
+    client.set_terminated(run)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    ui = subprocess.Popen([str(mlflow_bin), "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
+                           "--port", str(free_port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    base = f"http://127.0.0.1:{free_port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert ui.poll() is None, ui.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "mlflow ui did not answer /health"
+            time.sleep(0.3)
+        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            runs = json.loads(r.read())["runs"]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):   # the server and its workers (own group)
+            try:
+                os.killpg(ui.pid, sig)
+                ui.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        ui.wait()
+    assert [(r["info"]["run_id"], r["info"]["run_name"]) for r in runs] == [(run, "size=96,augment=M1")]
+    assert runs[0]["data"]["metrics"][0]["value"] == pytest.approx(0.71)

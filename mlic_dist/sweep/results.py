@@ -13,6 +13,9 @@ trial. Only FINISHED trial runs feed the ensembles. Reads go through `mlic_dist.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +132,21 @@ def table(results: list[TrialOutcome]) -> str:
     return "\n".join(lines)
 
 
+def mlflow_command() -> str:
+    """`mlflow` as the user can type it: bare when PATH finds this environment's, else its path
+    (`.venv/bin/mlflow` after `make demo`, whose environment is not activated)."""
+    exe = Path(sys.executable).with_name("mlflow")
+    if not exe.is_file() or shutil.which("mlflow") == str(exe):
+        return "mlflow"
+    return os.path.relpath(exe) if exe.absolute().is_relative_to(Path.cwd().absolute()) else str(exe)
+
+
 def ui_hint(configured_uri: Optional[str], store_uri: Optional[str], artifacts: Optional[str],
             trial_uri: str, exp_id: Optional[str]) -> str:
     """How to open the runs page (MLflow 3 opens an experiment on a GenAI overview otherwise)."""
     page = f"#/experiments/{exp_id}/runs" if exp_id else ""
     if store_uri:  # a local store the sweep served for its duration
-        cmd = f"mlflow ui --backend-store-uri {store_uri} --host 127.0.0.1"
+        cmd = f"{mlflow_command()} ui --backend-store-uri {store_uri} --host 127.0.0.1"
         if artifacts:
             cmd += f" --artifacts-destination {artifacts}"
         return f"MLflow UI: {cmd}\n  then open http://127.0.0.1:5000/{page}"
