@@ -479,6 +479,14 @@ def test_the_sweeps_own_ray_listens_on_loopback_only():
 
     from mlic_dist.sweep.cluster import LOOPBACK_ENV, connect
 
+    def listeners() -> dict:
+        """(ip, port) -> process name of every listening socket of this process and its children."""
+        procs = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+        procs[os.getpid()] = "driver"
+        return {(c.laddr.ip, c.laddr.port): procs[c.pid] for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in procs}
+
+    before = listeners()     # another test's cluster or servers, still up in this process
     connect(None)
     try:
         @ray.remote
@@ -486,10 +494,7 @@ def test_the_sweeps_own_ray_listens_on_loopback_only():
             return ray.util.get_node_ip_address()
 
         assert ray.get(node_ip.remote()) == "127.0.0.1"          # a worker started (it listens too)
-        ours = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
-        ours[os.getpid()] = "driver"
-        listening = [(c.laddr.ip, ours[c.pid]) for c in psutil.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        listening = [(ip, name) for (ip, port), name in listeners().items() if (ip, port) not in before]
         names = {n for _, n in listening}
         assert {"gcs_server", "raylet"} <= names and len(listening) >= 5, listening
 
