@@ -19,6 +19,10 @@ checkpoints; failed trials are retried):
     python launch/sweep.py --config configs/sweeps/voc2007.yaml --resume
 
 Trials land in SWEEP.root/SWEEP.name/<grid point> (default runs/sweeps/<file stem>/size=448,augment=M2,...).
+Network: the Ray this command starts (no --address) listens on 127.0.0.1 only; a cluster from
+`ray start` listens on every interface of its nodes (Ray's design), so allow its ports (GCS 6379,
+the raylet, object manager and worker ports, dashboard 8265) only from the cluster's own machines
+with a firewall.
 """
 from __future__ import annotations
 

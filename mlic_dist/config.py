@@ -305,22 +305,33 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# What a key means to a resume (mlic_dist/resume.py). Keys in neither set change what a run
-# means (learning rates, sizes, augmentation, model, data...): a resume refuses a change to them
-# unless train.resume_accept names them. A new key is "meaning" until it is listed here.
-RESUME_FREE = frozenset({
-    # how long, how often, where to: may change between the runs of one training
-    "train.epochs", "train.early_stopping", "train.output_dir", "train.resume", "train.resume_accept",
-    "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-    "train.eval_test", "train.max_nonfinite_steps", "data.eval_batch_size_per_gpu", "data.test_split",
-    "data.shards",  # the path may move; resume compares the data's content digest instead
-    # speed knobs that leave the numbers alone
+# The one list of what keys mean, for a resume (mlic_dist/resume.py) and for ensemble grouping
+# (mlic_dist/ensemble_selection.py). Keys in none of the sets below define the model a run
+# learns (learning rates, sizes, augmentation, model, data, seed...): a resume refuses a change
+# to them unless train.resume_accept names them, and runs that differ in them are different
+# models. A new key is model-defining until it is listed here.
+# Keys that leave the numbers alone: where a run writes and logs, how often it reports and
+# checkpoints, resume bookkeeping, speed knobs.
+BOOKKEEPING = frozenset({
+    "train.output_dir", "train.resume", "train.resume_accept", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.eval_test", "train.max_nonfinite_steps",
+    "data.eval_batch_size_per_gpu", "data.test_split",
     "model.compile", "model.channels_last", "train.ddp_bucket_cap_mb",
     "train.ddp_gradient_as_bucket_view", "train.ddp_static_graph",
 })
-RESUME_FREE_PREFIXES = ("tracking.",)
-# The data position inside an epoch is exact only under the same values (and process count).
+BOOKKEEPING_PREFIXES = ("tracking.",)
+# A resume may also extend or shorten a training, and find its data at another path (it compares
+# the data's content digest instead); for grouping these still tell models apart.
+RESUME_FREE = BOOKKEEPING | {"train.epochs", "train.early_stopping", "data.shards"}
+RESUME_FREE_PREFIXES = BOOKKEEPING_PREFIXES
 RESUME_REPLAY = frozenset({"data.loader", "data.num_workers", "data.shuffle_buffer"})
+
+
+def is_model_key(key: str) -> bool:
+    """Does a dotted key define the model a run learns? Not the bookkeeping keys, and not the
+    loader's implementation (RESUME_REPLAY: which loader, its workers and shuffle buffer change
+    the sample order as another seed would, not the recipe). Ensembles group runs on these."""
+    return not (key in BOOKKEEPING or key.startswith(BOOKKEEPING_PREFIXES) or key in RESUME_REPLAY)
 
 
 # --------------------------------------------------------------------------- building

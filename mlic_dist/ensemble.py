@@ -43,7 +43,9 @@ import numpy as np
 
 from . import metrics, rundir
 from . import mlflow_query as mq
-from .ensemble_selection import VARY, Group, digest, find_groups, greedy_select, is_model_key
+from .destination import check_dir
+from .config import is_model_key
+from .ensemble_selection import VARY, Group, digest, find_groups, greedy_select
 from .fusion import AlignedSplit, EnsembleError, Member, align, check_weights, fuse, member_from_dir  # noqa: F401
 
 KINDS = ("scale", "distr", "greedy")
@@ -97,6 +99,8 @@ def _note(kind: str, members: Sequence[Member], weights: np.ndarray, member_map:
 
 
 def _check_out(out: Path) -> None:
+    """Before any fusing: `out` can be written (destination.check_dir) and is not another run."""
+    check_dir(out, "--out", EnsembleError)
     if out.exists() and not (out / rundir.ENSEMBLE).is_file():
         if not out.is_dir() or any(out.iterdir()):
             raise EnsembleError(f"--out {out} exists and is not an ensemble directory (no {rundir.ENSEMBLE}); "
@@ -109,21 +113,26 @@ def _write_dir(out: Path, classes, splits: dict[str, AlignedSplit], fused: dict,
     keeps a stale file of its previous version (a test split it no longer has, say)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    rundir.write_classes(tmp, classes)
-    for split, a in splits.items():
-        rundir.write_split(tmp, split, fused[split], a.targets, a.keys)
-    rundir.write_thresholds(tmp, thresholds, classes)
-    rundir.write_metrics(tmp, result)
-    rundir.write_json(tmp, rundir.ENSEMBLE, doc)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
+    try:
+        tmp.mkdir()
+        rundir.write_classes(tmp, classes)
+        for split, a in splits.items():
+            rundir.write_split(tmp, split, fused[split], a.targets, a.keys)
+        rundir.write_thresholds(tmp, thresholds, classes)
+        rundir.write_metrics(tmp, result)
+        rundir.write_json(tmp, rundir.ENSEMBLE, doc)
+        if out.exists():
+            os.rename(out, old)
+            os.rename(tmp, out)
+        else:
+            os.rename(tmp, out)
+    finally:   # on success tmp is gone already; on a failure neither half-written copy stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():   # the swap failed half-way: the previous build back
+            os.rename(old, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _previous_run(out: Path, uri: str, experiment: str, doc: dict) -> Optional[str]:
@@ -278,6 +287,7 @@ def build_ensembles(experiment: str, select: Sequence[str], tracking_uri: Option
     `out_dir` and logged in the experiment (nested under `parent_run_id` when given). Runs whose
     directory is not on this machine are skipped with a warning (an error for `run_ids`)."""
     kinds = expand_kinds(select)
+    check_dir(out_dir, "--out", EnsembleError)   # before querying MLflow and loading every run
     client = mq.connect(tracking_uri)
     runs = mq.finished_runs(client, experiment, None if run_ids else parent_run_id, run_ids)
     members = []
@@ -354,6 +364,8 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
     if args.greedy_init < 1 or args.greedy_steps < 0:
         raise EnsembleError(f"--greedy-init {args.greedy_init} must be >= 1 and --greedy-steps "
                             f"{args.greedy_steps} >= 0")
+    if args.out is not None:
+        check_dir(args.out, "--out", EnsembleError)   # before reading any run
     if args.select:
         if not args.experiment:
             raise EnsembleError("--select needs --experiment NAME (the MLflow experiment of the runs)")

@@ -5,8 +5,9 @@ selection (Caruana et al., 2004). Pure functions on configs and validation score
 Groups come from each run's recorded config (config.yaml, flattened to dotted keys), never from
 names. Two runs are in one ScaleEn group when their configs are equal except `data.size`, in
 one DistrEn group when equal except `data.augment`, ignoring the keys that do not change the
-model a run learns (`NOT_MODEL_KEYS`: where it writes and logs, loader implementation and worker
-counts, checkpoint cadence, compile / memory-format switches). `seed` is NOT ignored: a run with
+model a run learns (`config.is_model_key`, the list a resume also uses: where it writes and logs,
+resume bookkeeping such as train.resume_accept, checkpoint cadence, compile / memory-format / DDP
+switches, the loader's implementation and workers). `seed` is NOT ignored: a run with
 another seed is another model, so each seed gets its own ScaleEn / DistrEn (the report shows
 them as mean +- std over seeds), and greedy selection may take several seeds of one config.
 """
@@ -23,18 +24,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import metrics
+from .config import is_model_key   # the one list of model-defining keys (config.py)
 
-# Keys (or dotted prefixes ending in ".") that do not define the model a run learns.
-NOT_MODEL_KEYS = ("train.output_dir", "train.resume", "tracking.", "data.loader", "data.num_workers",
-                  "data.eval_batch_size_per_gpu", "data.test_split", "train.log_every_steps",
-                  "train.checkpoint_every_steps", "train.keep_checkpoints", "train.eval_test",
-                  "train.ddp_", "model.compile", "model.channels_last")
 VARY = {"scale": "data.size", "distr": "data.augment"}
 TIE_EPS = 1e-12   # mAPs closer than this are a tie: the lower member index wins (deterministic)
-
-
-def is_model_key(key: str) -> bool:
-    return not any(key == k or (k.endswith((".", "_")) and key.startswith(k)) for k in NOT_MODEL_KEYS)
 
 
 def model_config(flat: dict) -> dict:

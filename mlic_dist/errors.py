@@ -6,6 +6,8 @@ exits with status 2, with no traceback; the message names the key, file or value
 fix.
 `DivergenceError`: training itself failed (non-finite losses); the message names the epoch, the
 step and the last good checkpoint; the trainer exits with status 1.
+`ExportCheckError`: an exported model file does not compute what the trained model computes;
+`mlic_dist.export` removes the file (logs nothing) and exits with status 1.
 """
 from __future__ import annotations
 
@@ -22,3 +24,7 @@ class ShardDataError(UserError, RuntimeError):
 
 class DivergenceError(RuntimeError):
     """The loss or the gradients stayed non-finite; the message says where and what to do."""
+
+
+class ExportCheckError(RuntimeError):
+    """The written model's outputs differ from the in-memory model's beyond the tolerance."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
+
 KIND_TAG = "mlic.kind"
 ENSEMBLE_KIND_TAG = "mlic.ensemble_kind"
 MEMBERS_TAG = "mlic.members"
@@ -27,7 +29,7 @@ RUN_DIR_TAG = "run_dir"
 SINGLE = "single"           # mlic.kind of a training run
 
 
-class TrackingQueryError(ValueError):
+class TrackingQueryError(UserError, ValueError):
     """An experiment, a run or a run directory named by the user cannot be found."""
 
 
@@ -159,6 +161,16 @@ def run_dir_of(run: TrackedRun) -> Path:
                                  f"not on this machine; run this where {d} is (a shared filesystem), "
                                  f"or copy it there")
     return d
+
+
+def resolve_run_dir(run_dir: Optional[Path], run_id: Optional[str], tracking_uri: Optional[str]) -> Path:
+    """The directory a command's `--run-dir DIR` or `--run RUN_ID [--tracking-uri URI]` names
+    (predict, export): DIR itself, else the run's `run_dir` tag; TrackingQueryError otherwise."""
+    if run_dir is not None:
+        return Path(run_dir)
+    if not run_id:
+        raise TrackingQueryError("give --run-dir DIR or --run RUN_ID")
+    return run_dir_of(get_run(connect(tracking_uri), run_id))
 
 
 def runs_by_dir(runs: list[TrackedRun]) -> dict[Path, TrackedRun]:

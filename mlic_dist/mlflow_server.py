@@ -9,6 +9,14 @@ a test that trains and ensembles over HTTP, and the UI screenshots therefore tal
 The server binds 127.0.0.1 unless told otherwise and runs in its own process group; `stop()`
 (also on an exception, and at interpreter exit) ends the whole group, uvicorn's and huey's
 children included (MLflow 3 leaves huey consumers behind when only the parent is killed).
+`stop_group(pgid)` is that ending, for any process group.
+
+A process that is SIGKILLed runs no cleanup, and a server in its own session would outlive it
+forever. So the group's leader is a small watchdog (`WATCHDOG`, stdlib only, `python -I -c`)
+that starts the server as its child and, once the process that started it is gone (its parent
+pid changes), ends the group: SIGTERM, 3 s, SIGKILL. `proc.pid` is the watchdog's pid = the
+group id, and its command line holds the server's. A sweep's --resume still stops a left-over
+server (sweep.state.stop_stale_server), should one outlive its watchdog.
 """
 from __future__ import annotations
 
@@ -22,6 +30,67 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+
+# argv: the pid to outlive, then the server's command. SIGTERM (stop()) reaches the whole group:
+# the watchdog ignores it and exits with the server's status once the server has exited.
+WATCHDOG = """
+import os, signal, subprocess, sys, threading, time
+watched = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: None)   # after Popen: the server keeps the default action
+
+def watch():
+    while os.getppid() == watched:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGTERM)
+    try:
+        server.wait(3)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(0, signal.SIGKILL)
+
+threading.Thread(target=watch, daemon=True).start()
+status = server.wait()
+sys.exit(status if status >= 0 else 128 - status)   # killed by signal N: 128 + N, as a shell says
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_group(pgid: int, timeout_s: float = 15.0, proc: Optional[subprocess.Popen] = None) -> bool:
+    """End the process group `pgid` (a server and its children): SIGTERM, up to `timeout_s` for
+    its leader to exit, then SIGKILL for whatever is left (huey consumers outlive the leader).
+    `proc`: the leader's Popen where this process started it (it is reaped). Returns True when
+    the leader was running (and was stopped), False when it was gone already or is not ours."""
+    leader_alive = (lambda: proc.poll() is None) if proc is not None else (lambda: _alive(pgid))
+    stopped = False
+    if leader_alive():
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            stopped = True
+        except (ProcessLookupError, PermissionError):
+            return False
+        deadline = time.time() + timeout_s
+        while leader_alive() and time.time() < deadline:
+            time.sleep(0.1)
+    try:   # also when the leader had exited: its children may still be in the group
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc is not None:
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    return stopped
 
 
 class MlflowServerError(RuntimeError):
@@ -72,8 +141,10 @@ class MlflowServer:
 
             self._log = tempfile.TemporaryFile()
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_uri}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)   # its own process group: stop() ends all
+        # its own process group (stop() ends all of it), led by the watchdog that ends it when
+        # this process dies without stopping it (SIGKILL)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), *cmd],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         atexit.register(self.stop)
         try:
             self._wait_healthy()
@@ -109,22 +180,8 @@ class MlflowServer:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if proc is not None:
-            try:  # children that outlived the leader (huey consumers) are still in the group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if proc is not None:   # also when the leader is gone: its children may still be in the group
+            stop_group(proc.pid, timeout_s, proc)
         if self._log is not None:
             self._log.close()
             self._log = None

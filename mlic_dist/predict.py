@@ -18,7 +18,8 @@ Output (stdout, or --out FILE), one record per image in input order:
          {"file", "error": "why it could not be read"}
   csv:   file, labels (;-separated), top_k, error, then one probability column per class
 Exit status 0; 1 when some image could not be read (its record says why, the rest are
-predicted); 2 for a user error (no such run, no images), with one line on stderr.
+predicted); 2 for a user error (no such run, no images, an --out that cannot be written:
+checked before any image is read), with one line on stderr.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from . import rundir
+from .destination import check_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
@@ -196,14 +198,6 @@ def write_records(records: Iterable[dict], classes: list[str], fmt: str, out) ->
     return n, errors
 
 
-def run_dir_for(args) -> Path:
-    if args.run_dir is not None:
-        return args.run_dir
-    from . import mlflow_query as mq
-
-    return mq.run_dir_of(mq.get_run(mq.connect(args.tracking_uri), args.run))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,8 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                f"{args.workers} must be >= 1")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise PredictError("--device cuda: no CUDA device is visible; use --device cpu")
+        if args.out is not None:   # before any image is predicted
+            check_file(args.out, "--out", PredictError, example=f"preds.{args.format}")
         files = find_images(args.inputs)
-        predictor = Predictor(run_dir_for(args), args.device)
+        predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device)
     except (PredictError, rundir.RunDirError, mq.TrackingQueryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -244,9 +240,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            n, errors = write_records(records, predictor.classes, args.format, f)
-        tmp.replace(args.out)
+        try:
+            with open(tmp, "w", newline="") as f:
+                n, errors = write_records(records, predictor.classes, args.format, f)
+            tmp.replace(args.out)
+        finally:
+            tmp.unlink(missing_ok=True)   # an interrupted run leaves no partial file behind
     seconds = time.perf_counter() - start
     print(f"{n - errors} of {n} images predicted in {seconds:.2f} s ({(n - errors) / max(seconds, 1e-9):.1f} "
           f"images/s, {len(predictor.members)} model(s), {args.device})"

@@ -39,6 +39,7 @@ import numpy as np
 from . import metrics, rundir
 from . import mlflow_query as mq
 from .config import flatten
+from .destination import check_dir
 from .ensemble_selection import model_config
 
 RULE_COLUMNS = (("L-P", "CP"), ("L-R", "CR"), ("L-F1", "CF1_mean"), ("O-P", "OP"), ("O-R", "OR"), ("O-F1", "OF1"))
@@ -292,11 +293,14 @@ def write_csv(path: Path, rows: Sequence[dict], names: Optional[dict] = None) ->
         flat_rows.append(out)
     cols = list(flat_rows[0]) if flat_rows else []
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(flat_rows)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(flat_rows)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -408,8 +412,8 @@ def build_report(experiment: str, tracking_uri: Optional[str], out_dir: Path,
                  parent_run_id: Optional[str] = None) -> Report:
     """The report of an MLflow experiment (or of the runs nested under `parent_run_id`), written
     to `out_dir` and logged as a report run; returns its Markdown and the paths written."""
+    out = check_dir(out_dir, "--out", ReportError)   # before reading MLflow and every run
     entries = collect_from_mlflow(experiment, tracking_uri, parent_run_id)
-    out = Path(out_dir)
     report = write_report(entries, out, f"Experiment {experiment}" + (f" (parent run {parent_run_id})"
                                                                         if parent_run_id else ""))
     report.run_id = _log(report, out, experiment, tracking_uri, parent_run_id, len(entries))
@@ -440,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = build_report(args.experiment, args.tracking_uri, args.out or Path("reports") / args.experiment,
                                   args.parent_run_id)
         else:
-            out = args.out or Path("reports") / "runs"
+            out = check_dir(args.out or Path("reports") / "runs", "--out", ReportError)
             report = write_report(collect_from_dirs(args.run_dirs), out, f"Runs in {out}")
     except (ReportError, rundir.RunDirError, mq.TrackingQueryError) as e:
         print(f"error: {e}", file=sys.stderr)

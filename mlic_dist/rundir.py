@@ -22,6 +22,7 @@ down in docs/contracts.md ("Run directory").
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,15 @@ def write_config(out: str | Path, config: dict) -> Path:
 
 def write_classes(out: str | Path, classes: Sequence[str]) -> Path:
     return write_text(out, CLASSES, json.dumps(list(classes)))
+
+
+def best_val_map(records: Sequence[dict]) -> Optional[float]:
+    """The best validation mAP over history records (or Tune results, which carry the same
+    keys): of the raw weights (`val_mAP`) or their EMA (`val_mAP_ema`), whichever was better,
+    as best_model.pt may hold either. None when no record has a finite value."""
+    values = [v for r in records for v in (r.get("val_mAP"), r.get("val_mAP_ema"))
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return float(max(values)) if values else None
 
 
 def write_history(out: str | Path, records: Sequence[dict]) -> Path:

@@ -7,8 +7,15 @@ complete. The loss is `run.loss_fn` (mlic_dist/losses.py) on the scale training 
 over all non-ignored (image, class) entries of the split divided by their count (not a mean of
 per-sample means, which weighs an image with ignored labels more).
 Functions take any object with `.model`, `.accelerator` and `.loss_fn` (train.Run).
+
+Precision: the per-epoch validation runs under the trainer's autocast (train.mixed_precision);
+the final scoring (`fp32=True`: the scores, thresholds and metrics a run keeps) runs in float32,
+as predict, export and serving do, so the thresholds tuned on the saved validation scores fit
+the scores those tools compute (bf16 moved them by ~1e-4, enough to flip labels at a threshold).
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -17,11 +24,31 @@ from . import metrics
 from .distributed import gather
 
 
+@contextlib.contextmanager
+def _plain_forward(model):
+    """The model's own forward for the block. Accelerate's prepare() replaces the forward of the
+    module it was given by one that enters autocast itself (keeping the original as
+    `_original_forward`), so an outer `autocast(enabled=False)` cannot turn it off. That module
+    is `model`, or `model.module` under DDP (a compiled model's wrapper, either way)."""
+    holders = [m for m in (model, getattr(model, "module", None))
+               if isinstance(m, torch.nn.Module) and "_original_forward" in vars(m)]
+    wrapped = [(m, m.forward) for m in holders]
+    for m in holders:
+        m.forward = m._original_forward
+    try:
+        yield
+    finally:
+        for m, forward in wrapped:
+            m.forward = forward
+
+
 @torch.no_grad()
-def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None) -> tuple[np.ndarray, float]:
+def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None,
+                  fp32: bool = False) -> tuple[np.ndarray, float]:
     """Probabilities (N, C) in id order (every sample exactly once, padding dropped) and the
     mean loss over the split's non-ignored entries, gathered from all ranks. `model` defaults to
-    `run.model` (the EMA passes its own). A progress bar on rank 0."""
+    `run.model` (the EMA passes its own). `fp32`: autocast off (the final scores), else the
+    trainer's mixed precision. A progress bar on rank 0."""
     from tqdm import tqdm
 
     acc = run.accelerator
@@ -29,11 +56,13 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None)
     was_training = model.training
     model.eval()
     ids, probs, loss_sums, counts = [], [], [], []
+    # the prepared model has autocast already; an EMA copy does not
+    precision = (lambda: torch.autocast(acc.device.type, enabled=False)) if fp32 else acc.autocast
     # `with`: the bar is closed on errors too, so an error message starts a line of its own
     with tqdm(total=len(loader), desc=desc, disable=not acc.is_main_process, dynamic_ncols=True,
-              leave=False) as bar:
+              leave=False) as bar, (_plain_forward(model) if fp32 else contextlib.nullcontext()):
         for batch in loader:
-            with acc.autocast():  # the prepared model has it already; an EMA copy does not
+            with precision():
                 logits = model(batch.images).float()  # (B, C)
             entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C), 0 where ignored
             keep = batch.ids >= 0

@@ -3,13 +3,21 @@
     python -m mlic_dist.export --run-dir runs/NAME --format mlflow [--register NAME]
     mlflow models serve -m models:/MODEL_ID --env-manager local --host 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"dataframe_records": [{"image": "<base64 of a JPEG/PNG file>"}, {"path": "/data/x.jpg"}]}'
+         -d '{"dataframe_records": [{"image": "<base64 of a JPEG/PNG file>"}]}'
+    # files on the serving machine, by path: opt in, naming the one directory the server may read
+    MLIC_SERVE_PATHS_UNDER=/data/images mlflow models serve -m models:/MODEL_ID --env-manager local \\
+        --host 127.0.0.1 -p 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_records": [{"path": "/data/images/x.jpg"}]}'
 
 REQUEST: a DataFrame (MLflow's `dataframe_records` / `dataframe_split` JSON, or a pandas
 DataFrame to `pyfunc.load_model(...).predict`), one row per image, with
   `image`  the image file's bytes, base64-encoded (any format PIL reads: JPEG, PNG, ...), or
-  `path`   a path the server can read (either column may be absent; `image` wins in a row
-           that has both).
+  `path`   a file on the serving machine: only where the server's environment sets
+           MLIC_SERVE_PATHS_UNDER=DIR, and only files inside DIR (symlinks and `..` resolved
+           first). Otherwise any client could make the server read (and probe for) its files;
+           without it a `path` row is answered with an error. Either column may be absent;
+           `image` wins in a row that has both.
 Each image is decoded as `mlic_dist.data.transforms.load_rgb` decodes for predict (EXIF
 rotation, grayscale / CMYK / palette / alpha -> RGB) and goes through the exported TorchScript
 model (mlic_dist/export.py: resize, normalise, network(s), fused probabilities).
@@ -39,6 +47,7 @@ import pandas as pd   # the predict type hint (MLflow validates DataFrame input 
 
 MODEL_NAME = "model"
 ARTIFACT = "model_torchscript"
+PATHS_ENV = "MLIC_SERVE_PATHS_UNDER"   # the directory `path` rows may read; unset: no files are read
 
 
 class MlicPyfunc(mlflow.pyfunc.PythonModel):
@@ -56,7 +65,8 @@ class MlicPyfunc(mlflow.pyfunc.PythonModel):
         self.classes, self.thresholds = meta["classes"], meta["thresholds"]
 
     @staticmethod
-    def _image_bytes(row) -> bytes:
+    def _image_bytes(row, paths_under: Optional[Path]) -> bytes:
+        """The row's image file bytes; `paths_under`: the directory `path` rows may read (None: off)."""
         image, path = row.get("image"), row.get("path")
         if isinstance(image, str) and image:
             try:
@@ -64,8 +74,15 @@ class MlicPyfunc(mlflow.pyfunc.PythonModel):
             except (binascii.Error, ValueError):
                 raise ValueError("column 'image' is not valid base64 (send the file's bytes base64-encoded)") from None
         if isinstance(path, str) and path:
+            if paths_under is None:
+                raise ValueError(f"column 'path' is off: this server reads no files unless {PATHS_ENV}=DIR is "
+                                 f"set where it runs; send the file's bytes base64-encoded in 'image'")
+            target = Path(path).resolve()            # symlinks and .. first: no way out of the directory
+            if not target.is_relative_to(paths_under):
+                raise ValueError(f"path {path!r} is outside {paths_under} ({PATHS_ENV}); send the file's bytes "
+                                 f"base64-encoded in 'image'")
             try:
-                return Path(path).read_bytes()
+                return target.read_bytes()
             except OSError as e:
                 raise ValueError(f"cannot read path {path!r}: {e.strerror or e}") from None
         raise ValueError("the row has neither 'image' (base64 file bytes) nor 'path'")
@@ -76,10 +93,12 @@ class MlicPyfunc(mlflow.pyfunc.PythonModel):
         from .data.transforms import load_rgb
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        under = os.environ.get(PATHS_ENV)
+        paths_under = Path(under).resolve() if under else None
         out = []
         for row in rows:
             try:
-                image = load_rgb(self._image_bytes(row))                            # (3, H, W) uint8
+                image = load_rgb(self._image_bytes(row, paths_under))               # (3, H, W) uint8
             except ValueError as e:
                 out.append({"labels": [], "scores": {}, "error": str(e)})
                 continue
@@ -148,6 +167,7 @@ def log_model(module, meta: dict, run_dir: Path, tracking_uri: Optional[str] = N
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         scripted = Path(tmp) / "model.pt"
+        # checked against the in-memory model first: raises ExportCheckError, and nothing is logged
         diff = export_torchscript(module, meta, scripted)
         # log under the run (reopened: MLflow 3 links the LoggedModel to the active run), then
         # give the run back its status (start_run's exit marks it FINISHED)

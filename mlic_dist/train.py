@@ -464,7 +464,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     thresholds = None
     for name, (loader, split) in splits.items():
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
-        probs, loss = predict_split(run, loader, len(labels), desc=f"score {name}")
+        # fp32 (autocast off): the scores predict / export / serving reproduce, thresholds tuned on them
+        probs, loss = predict_split(run, loader, len(labels), desc=f"score {name}", fp32=True)
         if name == "val":
             thresholds = metrics.tune_thresholds(probs, labels)
         report = metrics.evaluate(probs, labels, classes=run.classes, thresholds=thresholds)

@@ -171,6 +171,28 @@ def reference_greedy(scores, targets, init, steps):
     return path, best_point
 
 
+def test_grouping_ignores_what_a_resume_may_change_except_the_training_length_and_data():
+    """A member resumed with train.resume_accept (and another max_nonfinite_steps, resume path,
+    loader) stays in its ScaleEn group: grouping and resume read one list (config.py)."""
+    from mlic_dist.config import RESUME_FREE, flatten, load_config, to_dict
+    from mlic_dist.ensemble_selection import find_groups
+
+    base = flatten(to_dict(load_config(None, ["model.backbone=tiny_cnn"])))
+
+    def groups(*changes):
+        runs = [{**base, "data.size": 384 + 64 * i, **c} for i, c in enumerate(changes)]
+        return find_groups(runs, "scale", lambda r: r, lambda r: 0, str)
+
+    resumed = {"train.resume_accept": "optim.lr,optim.head_lr", "train.max_nonfinite_steps": 50,
+               "train.resume": "runs/a/checkpoints/e0003-s0000000", "data.num_workers": 8}
+    (g,) = groups({}, resumed, {"data.loader": "torch", "tracking.experiment": "other"})
+    assert [r["data.size"] for r in g.items] == [384, 448, 512]
+    assert groups({}, {"optim.lr": 0.5}) == [] and groups({}, {"seed": 1}) == []   # other models
+    model_defining = {"train.epochs", "train.early_stopping", "data.shards"}
+    for key in sorted(RESUME_FREE):
+        assert bool(groups({}, {key: "changed"})) == (key not in model_defining), key
+
+
 def test_greedy_matches_a_brute_force_reference():
     rng = np.random.default_rng(1)
     n, c, m = 90, 5, 6

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import torch
 from ensemble_runs import isolated_store, train_small_runs
 from mlic_dist import ensemble, rundir
 from mlic_dist.export import export, read_metadata, resize
+from mlic_dist.mlflow_server import stop_group
 from mlic_dist.predict import Predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,30 +132,76 @@ def test_export_user_errors_are_one_line_with_status_2(trained, tmp_path):
         (["--run-dir", tmp_path / "nope", "--format", "onnx", "--out", tmp_path / "m.onnx"], "does not exist"),
         (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx"], "give --out FILE"),
         (["--run-dir", bare, "--format", "mlflow"], "has no MLflow run"),
+        (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx", "--out", tmp_path], "is a directory"),
+        (["--run-dir", trained.runs["m1-32-s0"], "--format", "onnx", "--out", "/proc/nope/m.onnx"],
+         "cannot create files in /proc"),
     ):
         p = subprocess.run([sys.executable, "-m", "mlic_dist.export", *map(str, args)], capture_output=True,
                            text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert p.stderr.startswith("error: ") and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob(".*tmp*"))       # no half-written export left behind
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group (the server and its workers), even when the
-    leader is already gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=30)
-            if sig == signal.SIGTERM:
-                os.killpg(proc.pid, signal.SIGKILL)   # stragglers of the group
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    proc.wait()
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "mlflow"])
+def test_an_export_that_does_not_compute_the_model_is_refused_and_not_kept(trained, tmp_path, monkeypatch,
+                                                                           capsys, fmt):
+    """The exporter writes a model whose probabilities are 0.8x the trained ones (what a wrongly
+    traced branch or a converter bug would do): the file check refuses it (exit 1, one line),
+    no file stays, and MLflow gets no model."""
+    import copy
+
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.export import main
+
+    def other_model(module):
+        wrong = copy.deepcopy(module)
+        with torch.no_grad():
+            wrong.weights.mul_(0.8)           # the members' fusion weights: every probability x 0.8
+        return wrong
+
+    real_trace, real_onnx = torch.jit.trace, torch.onnx.export
+    monkeypatch.setattr(torch.jit, "trace", lambda m, *a, **k: real_trace(other_model(m), *a, **k))
+    monkeypatch.setattr(torch.onnx, "export", lambda m, *a, **k: real_onnx(other_model(m), *a, **k))
+    name = "m1-32-s0"
+    if fmt == "mlflow":
+        store = isolated_store(trained, tmp_path / "store")
+        argv = ["--run", trained.run_ids[name], "--tracking-uri", store, "--format", "mlflow"]
+    else:
+        argv = ["--run-dir", str(trained.runs[name]), "--format", fmt, "--out", str(tmp_path / "model.bin")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the exported {'ONNX' if fmt == 'onnx' else 'TorchScript'} model differs")
+    assert "not kept" in err and len(err.strip().splitlines()) == 1
+    if fmt == "mlflow":
+        client = MlflowClient(store)
+        run = client.get_run(trained.run_ids[name])
+        assert list(client.search_logged_models([run.info.experiment_id])) == []
+        assert run.info.status == "FINISHED"
+    else:
+        assert not (tmp_path / "model.bin").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_predict_and_export_find_a_run_id_through_mlflow_query(trained, tmp_path, capsys):
+    """`--run RUN_ID` means the same in both commands (mlflow_query.resolve_run_dir): the run's
+    run_dir tag, or one line naming the run id that is not there."""
+    from mlic_dist import mlflow_query as mq
+    from mlic_dist.export import main as export_main
+    from mlic_dist.predict import main as predict_main
+
+    store = isolated_store(trained, tmp_path / "store")
+    name = "m1-40-s0"
+    assert mq.resolve_run_dir(None, trained.run_ids[name], store) == trained.runs[name]
+    assert mq.resolve_run_dir(tmp_path, "ignored", None) == tmp_path
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    errors = []
+    for main, argv in ((predict_main, [str(tmp_path / "a.jpg")]),
+                       (export_main, ["--format", "onnx", "--out", str(tmp_path / "m.onnx")])):
+        assert main(["--run", "0123abcd", "--tracking-uri", store, *argv]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and errors[0].startswith("error: MLflow run '0123abcd' not found at ")
+    assert len(errors[0].strip().splitlines()) == 1
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -166,11 +212,13 @@ def _post(url: str, payload: dict) -> dict:
 
 
 def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val_files, tmp_path, free_port,
-                                                             capsys):
+                                                              capsys, monkeypatch):
     import mlflow
+    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     import mlic_dist.export
+    from mlic_dist.serving import PATHS_ENV
 
     store = isolated_store(trained, tmp_path / "store")
     run_id = trained.run_ids["m1-40-s0"]
@@ -194,12 +242,25 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
     want = {Path(r["file"]).stem: r for r in predict_files(Predictor(run_dir), files)}
     # the runs:/ URI (MLflow 2 style) resolves to the same LoggedModel, in process
     mlflow.set_tracking_uri(store)
-    local = mlflow.pyfunc.load_model(done["runs_uri"]).predict(
-        __import__("pandas").DataFrame({"path": [str(f) for f in files]}))
+    model = mlflow.pyfunc.load_model(done["runs_uri"])
+    by_path = pd.DataFrame({"path": [str(f) for f in files]})
+    # reading files by path is off unless the server's environment names the directory it may read
+    monkeypatch.delenv(PATHS_ENV, raising=False)
+    off = model.predict(by_path)
+    assert all(PATHS_ENV in e and "'image'" in e for e in off["error"]) and all(len(x) == 0 for x in off["labels"])
+    monkeypatch.setenv(PATHS_ENV, str(files[0].parent))
+    local = model.predict(by_path)
+    assert list(local["error"]) == [""] * len(files)
     assert [list(x) for x in local["labels"]] == [want[k]["labels"] for k in keys]
+    (tmp_path / "secret.jpg").write_bytes(files[0].read_bytes())
+    for outside in (tmp_path / "secret.jpg", files[0].parent / ".." / tmp_path.name / "secret.jpg"):
+        (err,) = model.predict(pd.DataFrame({"path": [str(outside)]}))["error"]
+        assert "is outside" in err, err
+    monkeypatch.delenv(PATHS_ENV)
 
     # uvicorn (the scoring server) runs from the venv: its bin directory must be on PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": "", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop(PATHS_ENV, None)
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", done["model_uri"], "--env-manager",
                                "local", "--host", "127.0.0.1", "-p", str(free_port)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -216,15 +277,16 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
             assert server.poll() is None, server.stdout.read().decode()[-3000:]
             assert time.time() < deadline, "mlflow models serve did not answer /ping"
             time.sleep(1)
-        records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files[:3]]
-        records += [{"path": str(f)} for f in files[3:]]
+        records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
         records.append({"image": base64.b64encode(b"not an image").decode()})
+        records.append({"path": str(files[0])})          # a client asks the server to read a file
         answer = _post(base + "/invocations", {"dataframe_records": records})["predictions"]
     finally:
-        stop_group(server)
-    assert len(answer) == 6
+        stop_group(server.pid, 30.0, server)   # the scoring server and its workers
+    assert len(answer) == 7
     for k, row in zip(keys, answer):
         assert row["error"] == "" and row["labels"] == want[k]["labels"]
         np.testing.assert_allclose([row["scores"][c] for c in want[k]["scores"]], list(want[k]["scores"].values()),
                                    atol=2e-6)
-    assert answer[-1]["labels"] == [] and "image" in answer[-1]["error"]
+    assert answer[5]["labels"] == [] and "image" in answer[5]["error"]
+    assert answer[6]["labels"] == [] and "column 'path' is off" in answer[6]["error"]

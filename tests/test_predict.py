@@ -90,6 +90,24 @@ def test_predict_reproduces_the_saved_validation_scores(trained, images, scale_e
     check_against_saved(records, run_dir)
 
 
+def test_a_bf16_run_keeps_fp32_scores_that_predict_reproduces(trained, images, tmp_path):
+    """train.mixed_precision=bf16 (the default, CPU autocast included) trains and validates each
+    epoch under autocast, but the scores the run keeps (and tunes its thresholds on) are scored in
+    fp32, as predict computes them: predict gives them back to 1e-5 (bf16 scores: ~1e-4 off)."""
+    from mlic_dist.config import load_config
+    from mlic_dist.train import train
+    from shard_fixtures import tiny_run_overrides
+
+    out = tmp_path / "bf16"
+    cfg = load_config(None, tiny_run_overrides(trained.shards, out, **{
+        "train.mixed_precision": "bf16", "train.epochs": 1, "tracking.enabled": "false"}))
+    assert cfg.train.mixed_precision == "bf16"
+    train(cfg)
+    records = list(predict_files(Predictor(out), sorted(images.glob("*.jpg")), batch_size=4))
+    worst = check_against_saved(records, out)
+    assert worst < 1e-5, worst        # predict rounds scores to 6 decimals
+
+
 def test_csv_output_and_mlflow_run_id(trained, images, tmp_path):
     store = isolated_store(trained, tmp_path / "store")
     good = sorted(images.glob("*.jpg"))

@@ -1,7 +1,8 @@
 """The Ray Tune sweep end to end on real shards, a real (simulated 2-node) Ray cluster and a real
 MLflow server: the grid tracked as nested runs, 2 Ray Train workers per trial as one DDP job, a
-worker SIGKILLed mid-training resuming from its checkpoint, a SIGKILLed sweep finished by
---resume without redoing finished trials, and bad input stopped before anything starts."""
+worker SIGKILLed mid-training resuming from its checkpoint, a SIGKILLed sweep whose mlflow server
+ends with it, finished by --resume without redoing finished trials, and bad input stopped before
+anything starts."""
 import json
 import os
 import re
@@ -212,6 +213,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _group(pgid: int) -> list[int]:
+    """Live processes of a process group (the server, its workers, its watchdog)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -255,8 +269,12 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
     finally:
         _kill_group(proc.pid)  # Ray's helpers that outlive a killed driver (same process group)
     state = json.loads((spec.root_dir / "sweep.json").read_text())
-    old_server = state["mlflow_server"]["pid"]
-    assert _alive(old_server)  # a killed sweep cannot stop its mlflow server (its own session)
+    old_server = state["mlflow_server"]["pid"]   # the group of the server, led by its watchdog
+    # the sweep could not stop its mlflow server (its own session); the watchdog did, within seconds
+    deadline = time.time() + 15
+    while _group(old_server) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group(old_server), f"the killed sweep's mlflow server is still running: {_group(old_server)}"
     short_metrics = (short / "metrics.json").stat().st_mtime_ns
     try:
         again = _sweep_cli(args + ["--resume"], tmp_path)
@@ -265,7 +283,7 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
         _kill_group(old_server)
         _kill_group(again.pid)
     assert again.returncode == 0, out[-4000:]
-    assert not _alive(old_server)  # --resume stopped the stale server first
+    assert not _alive(old_server)
     assert len(headers(short)) == 1 and (short / "metrics.json").stat().st_mtime_ns == short_metrics
     assert len(headers(long)) == 2 and re.search(r"resumed from \S+ \(epoch \d+, step \d+\)",
                                                   (long / "train.log").read_text())
@@ -300,6 +318,9 @@ def _main(argv, capsys):
     ("grid.data.augment=[M1,M7]", "M7"),
     ("data.shards=SHARDS/nowhere", "manifest.json"),
     ("grid.data.size=[]", "grid.data.size is an empty list"),
+    ("grid.data.size=[96,", "'grid.data.size=[96,': '[96,' is not valid YAML"),   # the shell ate nothing
+    ("grid.data.size", "'grid.data.size' has no value: write grid.data.size=[v1,v2]"),
+    ("sweep=5", "sweep: must be a mapping of sweep settings, got 5"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(shards, tmp_path, capsys, override, expected):
     import ray
@@ -314,6 +335,13 @@ def test_an_empty_grid_and_a_local_store_on_a_cluster_are_refused(shards, tmp_pa
     path = write_sweep(tmp_path / "empty.yaml", shards, tmp_path / "runs", {})
     rc, cap = _main(["--config", str(path)], capsys)
     assert rc == 2 and "has no grid" in cap.err
+    for section, value in (("sweep", 5), ("grid", [32, 48])):   # a section that is not a mapping
+        doc = yaml.safe_load(path.read_text())
+        doc.update({"grid": {"data.size": [32]}, section: value})
+        (tmp_path / "section.yaml").write_text(yaml.safe_dump(doc))
+        rc, cap = _main(["--config", str(tmp_path / "section.yaml"), "grid.seed=[0,1]"], capsys)
+        assert rc == 2 and f"section.yaml: {section}: must" in cap.err and len(cap.err.strip().splitlines()) == 1
+        assert "Traceback" not in cap.err
     path = write_sweep(tmp_path / "local.yaml", shards, tmp_path / "runs", {"data.size": [32]})
     rc, cap = _main(["--config", str(path), "--address", "auto"], capsys)
     assert rc == 2 and "local file store" in cap.err and "tracking.uri=http://" in cap.err
@@ -408,6 +436,76 @@ def test_settling_completes_finished_trials_from_their_directories_and_closes_th
     assert client.get_run(other_sweep).info.status == "RUNNING"  # not this sweep's
     assert [o.run_id for o in results] == [partial, None, None, None]
     assert table(results).splitlines()[2].startswith("| a | finished | 2 | 0.9000 | " + partial)
+
+
+def test_the_best_val_map_counts_the_weight_ema_where_it_won(shards, tmp_path):
+    """With train.ema_decay the EMA competes with the raw weights for best_model.pt: the trial
+    table, the parent run's best_val_mAP and the progress view take the better of the two."""
+    import io
+    import types
+
+    from mlic_dist import rundir
+    from mlic_dist.sweep.progress import ProgressView
+    from mlic_dist.sweep.results import outcomes, table
+
+    path = write_sweep(tmp_path / "ema.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    spec = load_sweep(path, ["train.ema_decay=0.9"])
+    a, b = spec.trials()
+    # (val_mAP, val_mAP_ema) per epoch, as the trainer writes them: the EMA wins a's last epoch
+    curves = {a.name: [(0.50, 0.55), (0.60, 0.72)], b.name: [(0.65, 0.60), (0.70, float("nan"))]}
+    for t in (a, b):
+        t.output_dir.mkdir(parents=True)
+        rundir.write_history(t.output_dir, [{"epoch": e, "val_mAP": raw, "val_mAP_ema": ema}
+                                            for e, (raw, ema) in enumerate(curves[t.name])])
+    grid = [types.SimpleNamespace(config=dict(t.point), error=None, metrics={}) for t in (a, b)]
+    results = outcomes(grid, spec)
+    assert [(o.name, o.epochs, o.best_val_mAP) for o in results] == [(a.name, 2, 0.72), (b.name, 2, 0.70)]
+    assert table(results).splitlines()[2].startswith(f"| {a.name} | stopped early | 2 | 0.7200 |")
+    view = ProgressView(2, stream=io.StringIO())
+    for t in (a, b):
+        for e, (raw, ema) in enumerate(curves[t.name]):
+            view.on_trial_result(e, [], t.name, {"epochs_done": e + 1, "val_mAP": raw, "val_mAP_ema": ema})
+    assert view.best == (0.72, a.name) and "best val_mAP 0.7200 " + a.name in view.summary()
+
+
+def test_the_sweeps_own_ray_listens_on_loopback_only():
+    """Without --address the sweep starts Ray here; every server of it (GCS, raylet, object
+    manager, workers, runtime-env agent) must listen on 127.0.0.1, not on every interface."""
+    import ipaddress
+
+    import psutil
+    import ray
+    from ray._private import ray_constants
+
+    from mlic_dist.sweep.cluster import LOOPBACK_ENV, connect
+
+    def listeners() -> dict:
+        """(ip, port) -> process name of every listening socket of this process and its children."""
+        procs = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+        procs[os.getpid()] = "driver"
+        return {(c.laddr.ip, c.laddr.port): procs[c.pid] for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.pid in procs}
+
+    before = listeners()     # another test's cluster or servers, still up in this process
+    connect(None)
+    try:
+        @ray.remote
+        def node_ip():
+            return ray.util.get_node_ip_address()
+
+        assert ray.get(node_ip.remote()) == "127.0.0.1"          # a worker started (it listens too)
+        listening = [(ip, name) for (ip, port), name in listeners().items() if (ip, port) not in before]
+        names = {n for _, n in listening}
+        assert {"gcs_server", "raylet"} <= names and len(listening) >= 5, listening
+
+        def loopback(ip):
+            a = ipaddress.ip_address(ip)
+            return (getattr(a, "ipv4_mapped", None) or a).is_loopback
+        assert all(loopback(ip) for ip, _ in listening), [x for x in listening if not loopback(x[0])]
+    finally:
+        ray.shutdown()
+    # the switch is put back: a later ray.init in this process (a cluster) gets the routable address
+    assert ray_constants.ENABLE_RAY_CLUSTER and LOOPBACK_ENV not in os.environ
 
 
 def test_a_killed_trial_driver_gives_its_workers_placement_group_back():

@@ -2,7 +2,10 @@
 
 Without an address the sweep starts Ray on this machine (CPU-only works) and gives its node the
 `trial_driver` resource, so the trial drivers (which only watch their Ray Train workers) take no
-CPU a worker could use. With `--address auto|HOST:PORT` it joins a cluster started by `ray start`;
+CPU a worker could use. That instance listens on 127.0.0.1 only (`_loopback_node`: Ray's
+single-node loopback mode, its default on macOS and Windows; `ray.init(_node_ip_address=
+"127.0.0.1")` does not do it, ray.init swaps a loopback address for the routable one, and then
+the GCS, the raylet, the workers and the runtime-env agent listen on every interface). With `--address auto|HOST:PORT` it joins a cluster started by `ray start`;
 there the shards and SWEEP.root must be on storage every node mounts at the same path. What can
 be checked is checked before any trial starts: one tiny task per node reads each shard manifest
 and writes a probe file under SWEEP.root that this machine must then see.
@@ -12,6 +15,7 @@ To keep drivers off preemptible GPU nodes (Ray Train's advice), start a safe nod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -53,6 +57,30 @@ class Plan:
                 f"{self.max_concurrent} trial(s) at once")
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # 0: Ray's node IP is 127.0.0.1 (single node)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """Ray started inside this block takes 127.0.0.1 as its node IP, so its servers bind the
+    loopback interface only. Ray reads the switch once, at import (ray_constants); the processes
+    it starts read the variable. Both are put back afterwards: a later ray.init in this process
+    (a test joining a simulated cluster) must find the routable address again."""
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before_env
+
+
 def connect(address: Optional[str]) -> None:
     """Start Ray here (address None) or join the cluster at `address`. Ray's own log streams and
     progress tables stay off: the sweep prints its own compact view, each trial logs to its
@@ -68,8 +96,10 @@ def connect(address: Optional[str]) -> None:
                                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}}
     common = dict(log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
     if address is None:
-        # "local": a new instance even where RAY_ADDRESS names a cluster (join one with --address).
-        ray.init(address="local", include_dashboard=False, resources={DRIVER_RESOURCE: 10_000}, **common)
+        # "local": a new instance even where RAY_ADDRESS names a cluster (join one with --address),
+        # reachable from this machine only
+        with _loopback_node():
+            ray.init(address="local", include_dashboard=False, resources={DRIVER_RESOURCE: 10_000}, **common)
     else:
         try:
             ray.init(address=address, **common)

@@ -11,6 +11,8 @@ import time
 
 from ray.tune import Callback
 
+from ..rundir import best_val_map
+
 
 class ProgressView(Callback):
     def __init__(self, total: int, every_s: float = 60.0, stream=None, epochs: dict | None = None):
@@ -50,9 +52,9 @@ class ProgressView(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         name = str(trial)
         self.epochs[name] = int(result.get("epochs_done", 0))
-        value = result.get("val_mAP")
-        if isinstance(value, (int, float)) and value == value and value > self.best[0]:
-            self.best = (float(value), name)
+        value = best_val_map([result])   # val_mAP or, where the weight EMA did better, val_mAP_ema
+        if value is not None and value > self.best[0]:
+            self.best = (value, name)
             self._line(f"{name} epoch {self.epochs[name]}: new best")
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -54,7 +54,7 @@ def outcomes(result_grid, spec, interrupted: bool = False) -> list[TrialOutcome]
         epochs, best = _from_history(trial.output_dir)
         if epochs is None:  # no history yet: what Tune heard
             m = r.metrics or {}
-            epochs, best = int(m.get("epochs_done", 0) or 0), m.get("best_val_mAP")
+            epochs, best = int(m.get("epochs_done", 0) or 0), m.get("best_val_mAP", rundir.best_val_map([m]))
         by_name[trial.name] = TrialOutcome(
             trial.name, status, epochs, float(best) if best is not None else None, run_dir=trial.output_dir,
             error=str(r.error).strip().splitlines()[0][:300] if r.error is not None else "")
@@ -69,8 +69,7 @@ def _from_history(out: Path) -> tuple[Optional[int], Optional[float]]:
     if not path.is_file():
         return None, None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = [r["val_mAP"] for r in records if isinstance(r.get("val_mAP"), (int, float))]
-    return len(records), (max(values) if values else None)
+    return len(records), rundir.best_val_map(records)   # the EMA's mAP counts where it won
 
 
 def experiment_id(tracking_uri: str, parent_run_id: str) -> str:

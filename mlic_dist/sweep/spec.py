@@ -229,15 +229,36 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> SweepSpec
     except ConfigError as e:
         raise SweepError(str(e)) from None
     grid = raw.pop("grid", None)
-    grid = flatten(grid) if isinstance(grid, dict) else grid
+    if grid is not None and not isinstance(grid, dict):
+        raise SweepError(f"{where}: grid: must map dotted config keys to lists of values, got {grid!r}; "
+                         f"write e.g. `grid: {{data.size: [384, 448]}}`")
+    grid = flatten(grid) if grid else {}
     for item in grid_over:
-        key, value = item.split("=", 1)
-        grid = dict(grid or {})
-        grid[key.strip()[len("grid."):]] = yaml.safe_load(value)
-    settings_raw = dict(raw.pop("sweep", None) or {})
+        key, value = _grid_override(item)
+        grid[key] = value
+    settings_raw = raw.pop("sweep", None)
+    if settings_raw is not None and not isinstance(settings_raw, dict):
+        raise SweepError(f"{where}: sweep: must be a mapping of sweep settings, got {settings_raw!r}; write "
+                         f"e.g. `sweep: {{name: demo, max_concurrent: 2}}` (keys: "
+                         f"{[f.name for f in fields(SweepSettings)]})")
+    settings_raw = dict(settings_raw or {})
     settings_raw.setdefault("name", Path(path).stem)
     ensembles = raw.pop("ensembles", None)
     return build_spec(raw, grid, ensembles, settings_raw, source=where, overrides=tuple(overrides))
+
+
+def _grid_override(item: str) -> tuple[str, Any]:
+    """`grid.KEY=[v1, v2]` -> (KEY, [v1, v2]); SweepError naming the override and the fix."""
+    if "=" not in item:
+        raise SweepError(f"override {item!r} has no value: write {item.strip()}=[v1,v2] (a YAML list of "
+                         f"the values to sweep)")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip()[len("grid."):], yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise SweepError(f"override {item!r}: {value!r} is not valid YAML ({problem}); write a list such as "
+                         f"{key.strip()}=[384,448], quoted in the shell") from None
 
 
 def build_spec(base: dict, grid, ensembles, settings: dict, source: Optional[str] = None,

@@ -3,13 +3,14 @@ and the `mlflow server` it started, so that `--resume` continues the same sweep.
 
 A new sweep must not find the file (it would mix two sweeps' trials); a --resume must find one
 recording the same base config and grid. A sweep that was killed (SIGKILL) cannot stop the
-server it started (the server runs in its own session); --resume stops it before starting its own.
+server it started (the server runs in its own session): the server's watchdog ends it within
+seconds (mlic_dist.mlflow_server); should one still be alive, --resume stops it before starting
+its own.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -68,23 +69,6 @@ def stop_stale_server(state: dict, store: str, timeout_s: float = 10.0) -> bool:
         return False  # gone (or not Linux)
     if "mlflow" not in cmdline or "server" not in cmdline or store not in cmdline:
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)  # its own session: the group is the server and its children
-    except (ProcessLookupError, PermissionError):
-        return False
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.2)
-    try:  # children that outlived the leader (huey consumers)
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return True
+    from ..mlflow_server import stop_group
 
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    return stop_group(pid, timeout_s)   # its own session: the group is the server and its children
