@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mlic_dist import ensemble, rundir
 from mlic_dist.export import export, read_metadata, resize
 from mlic_dist.mlflow_server import stop_group
 from mlic_dist.predict import Predictor, predict_files
+from processes import wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -266,17 +266,7 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{free_port}"
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "mlflow models serve did not answer /ping"
-            time.sleep(1)
+        wait_http(base + "/ping", server, 240, "mlflow models serve", poll_s=1.0)
         records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
         records.append({"image": base64.b64encode(b"not an image").decode()})
         records.append({"path": str(files[0])})          # a client asks the server to read a file

@@ -13,21 +13,11 @@ from pathlib import Path
 
 from mlic_dist.mlflow_server import MlflowServer, stop_group
 from mlic_dist.sweep.state import stop_stale_server
+from processes import group
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def group(pgid: int) -> list[int]:
-    """Live (not zombie) processes of the process group."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def wait_gone(pgid: int, timeout_s: float) -> float:

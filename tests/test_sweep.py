@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from mlic_dist.sweep.spec import SweepError, load_sweep
+from processes import group
 from shard_fixtures import build_small_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,17 +214,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _group(pgid: int) -> list[int]:
-    """Live processes of a process group (the server, its workers, its watchdog)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def _kill_group(pgid: int) -> None:
@@ -272,9 +262,9 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
     old_server = state["mlflow_server"]["pid"]   # the group of the server, led by its watchdog
     # the sweep could not stop its mlflow server (its own session); the watchdog did, within seconds
     deadline = time.time() + 15
-    while _group(old_server) and time.time() < deadline:
+    while group(old_server) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _group(old_server), f"the killed sweep's mlflow server is still running: {_group(old_server)}"
+    assert not group(old_server), f"the killed sweep's mlflow server is still running: {group(old_server)}"
     short_metrics = (short / "metrics.json").stat().st_mtime_ns
     try:
         again = _sweep_cli(args + ["--resume"], tmp_path)

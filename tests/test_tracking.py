@@ -15,6 +15,7 @@ import pytest
 from mlic_dist.config import TrackingConfig, load_config
 from mlic_dist.relog import relog
 from mlic_dist.tracking import Tracker, final_metrics
+from processes import wait_http
 from shard_fixtures import build_small_shards, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,17 +384,7 @@ def test_the_documented_mlflow_ui_command_shows_the_stores_runs(tmp_path, free_p
                           start_new_session=True)
     base = f"http://127.0.0.1:{free_port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert ui.poll() is None, ui.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "mlflow ui did not answer /health"
-            time.sleep(0.3)
+        wait_http(base + "/health", ui, 120, "mlflow ui", poll_s=0.3)
         req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp]}).encode(),
                                      headers={"Content-Type": "application/json"})
