@@ -494,35 +494,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def replace(cfg: Config, overrides: list[str]) -> Config:
     """A copy of `cfg` with dotted overrides applied (validated like any other)."""
     return config_from_dict(apply_overrides(to_dict(cfg), overrides))
-
-
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, docstring) for every field: the reference table in the README."""
-    import ast
-    import inspect
-    docs = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = b.value.value
-    except (OSError, TypeError):
-        pass
-    rows = []
-    inst = cls()
-    for f in fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, repr(getattr(inst, f.name)), docs.get(f.name, "")))
-    return rows
-
-
-
-def key_table() -> str:
-    """The README's configuration table (Markdown), one row per key from `describe()`."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{key}` | `{default}` | {doc} |" for key, default, doc in describe()]
-    return "\n".join(rows)

@@ -1,9 +1,12 @@
-"""What DDP ranks need to agree on: the plain module under the wrappers, and proof that every
-rank holds the same weights. Functions take an Accelerate `Accelerator` (or any object with its
-`unwrap_model`, `num_processes`)."""
+"""The processes of a run: the Accelerator they train with (`build_accelerator`: precision, DDP
+settings, threads per process), and what DDP ranks need to agree on: the plain module under the
+wrappers, and proof that every rank holds the same weights. The other functions take an
+Accelerate `Accelerator` (or any object with its `unwrap_model`, `num_processes`)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 
 import torch
 
@@ -44,3 +47,37 @@ def check_ranks_in_sync(accelerator, model) -> str:
     if len(set(digests)) != 1:
         raise RuntimeError(f"parameters differ across ranks after training: {digests}")
     return digests[0]
+
+
+def build_accelerator(cfg):
+    """The Accelerator of a run (`cfg`: a `config.Config`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = cfg.train.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        warnings.warn("train.mixed_precision=fp16 needs a GPU; running in fp32 on this CPU")
+        precision = "no"
+    ddp = DistributedDataParallelKwargs(
+        bucket_cap_mb=cfg.train.ddp_bucket_cap_mb,
+        gradient_as_bucket_view=cfg.train.ddp_gradient_as_bucket_view,
+        static_graph=cfg.train.ddp_static_graph,
+    )
+    # cpu=True on a machine without CUDA: Accelerate then runs torchrun/accelerate-launched
+    # processes as MULTI_CPU over gloo (without it every process trains alone).
+    # The AcceleratorState singleton outlives a train() call (tests, reused Ray workers); reset
+    # it so this run's precision applies. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False,
+                      cpu=not torch.cuda.is_available())
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: autotuned kernels pay off
+    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several processes on one host share its cores; oversubscription halves throughput.
+        # An explicit OMP_NUM_THREADS (a shared machine, a Ray worker's share) is respected.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return acc

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlic_dist.config import (Config, ConfigError, describe, flatten, load_config, replace,
+from mlic_dist.config import (Config, ConfigError, flatten, load_config, replace,
                               save_config, to_dict)
+from mlic_dist.config_table import describe
 
 # configs/accelerate/ holds `accelerate launch` files, not training configs (test_accelerate_configs.py);
 # configs/sweeps/ holds sweep files (a config plus grid:, ensembles:, sweep:): test_sweep.py loads them.
@@ -90,9 +91,9 @@ def test_readme_key_table_is_the_config():
     """Every key a user can type is in the README with its default and meaning (and no stale one)."""
     from pathlib import Path
 
-    from mlic_dist.config import key_table
+    from mlic_dist.config_table import key_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = readme.index("<!-- config-keys")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- /config-keys -->")].strip()
-    assert block == key_table(), "regenerate the README table with mlic_dist.config.key_table()"
+    assert block == key_table(), "regenerate the README table with mlic_dist.config_table.key_table()"

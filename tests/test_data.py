@@ -128,7 +128,8 @@ def test_m2_augments_and_differs_per_epoch(shards, loader):
 
 
 def test_augment_choices_come_from_the_preset_table():
-    from mlic_dist.config import ConfigError, describe
+    from mlic_dist.config import ConfigError
+    from mlic_dist.config_table import describe
 
     assert PRESET_NAMES == ("M0", "M1", "M2", "M3", "RA", "CO")
     with pytest.raises(ConfigError, match=r"data.augment='M9'.*\['M0', 'M1', 'M2', 'M3', 'RA', 'CO'\]"):
