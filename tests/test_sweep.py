@@ -384,7 +384,7 @@ def test_cli_flags_reach_the_sweep_settings(shards, tmp_path, capsys, monkeypatc
 def test_settling_completes_finished_trials_from_their_directories_and_closes_the_rest(shards, tmp_path):
     """A finished trial whose MLflow run is RUNNING and lacks epochs (its worker was SIGKILLed
     before the tracking queue drained) is completed from its run directory; a second attempt's
-    stray run, a trial stopped early (also when its trainer said FAILED) and a failed trial are
+    stray run, another FINISHED copy of the trial, a trial stopped early (also when its trainer said FAILED) and a failed trial are
     closed; another sweep's run is left alone; only the finished trial keeps a run id."""
     from mlflow.tracking import MlflowClient
 
@@ -410,7 +410,7 @@ def test_settling_completes_finished_trials_from_their_directories_and_closes_th
                              "train.epochs=2", "train.mixed_precision=no", f"train.output_dir={out}",
                              "tracking.enabled=false", "tracking.experiment=settle", "tracking.run_name=a",
                              f"tracking.parent_run_id={parent}"]))
-    stray, partial = child("a"), child("a")
+    stray, partial, copy = child("a"), child("a"), child("a", "FINISHED")   # copy: an earlier FINISHED one
     client.log_metric(partial, "val_mAP", 0.5, step=0)   # epoch 1 and the final metrics never arrived
     rundir.write_tracking(out, uri, "settle", partial)
     stopped, stopped_said_failed, failed = child("b"), child("d", "FAILED"), child("c")
@@ -418,9 +418,9 @@ def test_settling_completes_finished_trials_from_their_directories_and_closes_th
     results = [TrialOutcome("a", "finished", 2, 0.9, run_dir=out), TrialOutcome("b", "stopped early", 1, 0.5),
                TrialOutcome("c", "failed", 0, None, error="boom"), TrialOutcome("d", "stopped early", 1, 0.4)]
     settle_trial_runs(uri, "settle", parent, results)
-    status = {r: client.get_run(r).info.status for r in (stray, partial, stopped, stopped_said_failed, failed)}
-    assert status == {stray: "KILLED", partial: "FINISHED", stopped: "KILLED", stopped_said_failed: "KILLED",
-                      failed: "FAILED"}
+    status = {r: client.get_run(r).info.status for r in (stray, partial, copy, stopped, stopped_said_failed, failed)}
+    assert status == {stray: "KILLED", partial: "FINISHED", copy: "KILLED", stopped: "KILLED",
+                      stopped_said_failed: "KILLED", failed: "FAILED"}   # one FINISHED run per finished trial
     assert sorted(m.step for m in client.get_metric_history(partial, "val_mAP")) == [0, 1]
     assert "test_mAP" in client.get_run(partial).data.metrics
     assert client.get_run(other_sweep).info.status == "RUNNING"  # not this sweep's

@@ -96,7 +96,10 @@ def settle_trial_runs(tracking_uri: str, experiment: str, parent_run_id: str,
             if run.run_id == o.run_id:
                 continue
             status = mq.get_run(client, run.run_id).status
-            if status == "RUNNING" or (o.status == "stopped early" and status == "FAILED"):
+            # A finished trial has one FINISHED run: another one FINISHED too is a partial copy
+            # (its trial was relogged into a new run), closed so that nothing counts it twice.
+            duplicate = o.status == "finished" and o.run_id is not None and status == FINISHED
+            if status == "RUNNING" or duplicate or (o.status == "stopped early" and status == "FAILED"):
                 # MLflow's client is the one way to end a run the Tracker does not hold
                 client.set_terminated(run.run_id, "FAILED" if o.status == "failed" else "KILLED")
 
