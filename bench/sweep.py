@@ -32,7 +32,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from trainer import machine_info, now_iso  # noqa: E402  (bench/trainer.py)
+from trainer import machine_info, now_iso, write_result  # noqa: E402  (bench/trainer.py)
 
 TARGET_SLOT_EFFICIENCY = 0.90
 
@@ -162,12 +162,7 @@ def main(argv=None) -> dict:
         "sweep_timings_s": {k_: round(v, 1) for k_, v in timings.items()},
         "trials": trials,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    return result
+    return write_result(result, a.out)
 
 
 if __name__ == "__main__":

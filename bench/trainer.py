@@ -55,6 +55,16 @@ TARGET_OVERHEAD_PCT = 3.0
 # --------------------------------------------------------------------------- machine
 
 
+def write_result(result: dict, out) -> dict:
+    """Print a bench result as JSON, and write it to `out` when given (what every bench records)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return result
+
+
 def machine_info() -> dict:
     """CPU model/count, torch version and the GPU (if any): what every bench JSON records."""
     cpu = platform.processor() or ""
@@ -415,13 +425,7 @@ def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
     if a.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    result = run_benchmark(a)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    return result
+    return write_result(run_benchmark(a), a.out)
 
 
 if __name__ == "__main__":

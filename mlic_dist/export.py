@@ -226,10 +226,9 @@ def export(run_dir: Path, fmt: str, out: Optional[Path] = None, tracking_uri: Op
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", type=Path, help="a training run or ensemble directory")
-    src.add_argument("--run", metavar="RUN_ID", help="an MLflow run id (its run_dir tag names the directory)")
-    p.add_argument("--tracking-uri", help="the MLflow tracking URI (with --run, or to log --format mlflow)")
+    from . import mlflow_query as mq   # imports mlflow only when a function asks for it
+
+    mq.add_run_arguments(p, "the MLflow tracking URI (with --run, or to log --format mlflow)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", type=Path, help="the file to write (onnx, torchscript)")
     p.add_argument("--register", metavar="NAME", help="--format mlflow: also register the model under NAME")

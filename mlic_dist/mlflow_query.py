@@ -163,6 +163,14 @@ def run_dir_of(run: TrackedRun) -> Path:
     return d
 
 
+def add_run_arguments(parser, tracking_help: str = "with --run: the MLflow tracking URI") -> None:
+    """`--run-dir DIR | --run RUN_ID` and `--tracking-uri URI`, as `resolve_run_dir` reads them."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", type=Path, help="a training run or ensemble directory")
+    src.add_argument("--run", metavar="RUN_ID", help="an MLflow run id (its run_dir tag names the directory)")
+    parser.add_argument("--tracking-uri", help=tracking_help)
+
+
 def resolve_run_dir(run_dir: Optional[Path], run_id: Optional[str], tracking_uri: Optional[str]) -> Path:
     """The directory a command's `--run-dir DIR` or `--run RUN_ID [--tracking-uri URI]` names
     (predict, export): DIR itself, else the run's `run_dir` tag; TrackingQueryError otherwise."""

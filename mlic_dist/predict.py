@@ -201,10 +201,9 @@ def write_records(records: Iterable[dict], classes: list[str], fmt: str, out) ->
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", type=Path, help="a training run or ensemble directory")
-    src.add_argument("--run", metavar="RUN_ID", help="an MLflow run id (its run_dir tag)")
-    p.add_argument("--tracking-uri", help="with --run: the MLflow tracking URI")
+    from . import mlflow_query as mq   # imports mlflow only when a function asks for it
+
+    mq.add_run_arguments(p)
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     p.add_argument("--out", type=Path, help="output file (default stdout)")
