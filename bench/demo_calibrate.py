@@ -36,8 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from trainer import machine_info  # noqa: E402  (bench/trainer.py: what every bench JSON records)
 
-from mlic_dist.demo import offline_torch_home  # noqa: E402
-from mlic_dist.scenes import SceneSpec, build_scenes  # noqa: E402
+from mlic_dist.demo.run import offline_torch_home  # noqa: E402
+from mlic_dist.demo.scenes import SceneSpec, build_scenes  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs/demo/scenes.yaml"
 # configs/recipes/advanced_cnn.yaml's training keys on top of the demo file (its size, epochs,
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     env = _env({"TORCH_HOME": str(offline_torch_home(work / "torch_home"))})
     if args.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    from mlic_dist.scenes import CLASSES
+    from mlic_dist.demo.scenes import CLASSES
 
     chance = round(positive_rate(csv_path, "test", len(CLASSES)), 4)
     print(f"scenes {args.n} ({built}); chance mAP ~ {chance}; load {loadavg()}", flush=True)

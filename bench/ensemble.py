@@ -7,7 +7,7 @@
 Target (issue #10): `ensemble_selection.greedy_select` with the CLI defaults (sorted init of 3,
 20 forward steps, i.e. 27 x 20 + 3 mAP evaluations) finishes within 60 s on 2 cores. Also
 recorded: one mAP evaluation by `metrics.FastAP` vs sklearn (`metrics.average_precision`), the
-largest difference between the two (they must agree to 1e-9), and one `fusion.fuse`.
+largest difference between the two (they must agree to 1e-9), and one `ensemble.members.fuse`.
 
 Data: synthetic but COCO-shaped. Per-class positive rates from 0.5 % to 8 % plus one dense
 class at 45 % ("person"), about 2.9 labels per image like COCO; member m scores
@@ -33,8 +33,8 @@ for p in (str(ROOT), str(ROOT / "bench")):
 import numpy as np  # noqa: E402
 
 from mlic_dist import metrics  # noqa: E402
-from mlic_dist.ensemble_selection import greedy_select  # noqa: E402
-from mlic_dist.fusion import fuse  # noqa: E402
+from mlic_dist.ensemble.selection import greedy_select  # noqa: E402
+from mlic_dist.ensemble.members import fuse  # noqa: E402
 from trainer import machine_info, now_iso  # noqa: E402
 
 TARGET_S = 60.0

@@ -266,7 +266,7 @@ def scene_shards(plan: Plan) -> Path:
     shards = root / "shards"
     if (shards / "manifest.json").is_file():
         return shards
-    from mlic_dist.demo import build_scenes
+    from mlic_dist.demo.scenes import build_scenes
 
     csv_path = build_scenes(root, n_train, n_val, n_test, seed=0)
     run_shard(csv_path, root, shards, plan.workers)
@@ -472,7 +472,7 @@ def e2e_batch(plan: Plan, out_dir: Path) -> tuple[int, str]:
 
 
 def e2e_one(plan: Plan, shards: Path, loader: str, batch: int, compile: bool) -> dict:
-    from mlic_dist.train import build_run
+    from mlic_dist.train.loop import build_run
 
     cfg = loader_config(plan, shards, loader, plan.size, batch, "M2", compile=compile)
     run = None
@@ -614,7 +614,7 @@ def collect_eval(data_cfg, device, max_batches: int) -> tuple[np.ndarray, np.nda
 
 def compare_images(data_cfg, a, b) -> dict:
     """Mean / max |a - b| in 0-1 pixel units (normalised values times std) over matching ids."""
-    from mlic_dist.data.common import MEAN_STD
+    from mlic_dist.config.choices import MEAN_STD
 
     ids_a, im_a = a
     ids_b, im_b = b
@@ -636,7 +636,7 @@ def section_correct(plan: Plan) -> dict:
     shards = None
     if not plan.smoke:  # smoke reuses the bench shards: one subprocess less on a 2-core CI box
         try:
-            shards, data_from = scene_shards(plan), "mlic_dist.demo.build_scenes"
+            shards, data_from = scene_shards(plan), "mlic_dist.demo.scenes.build_scenes"
         except ImportError:  # no scikit-image
             pass
     if shards is None:

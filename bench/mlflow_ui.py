@@ -6,7 +6,7 @@ comparison of its runs, so a reader can see what a newcomer sees after `make dem
     python bench/mlflow_ui.py --make-runs /tmp/ui-demo           # first trains 3 tiny runs there
                                                                  # (a parent with 2 nested + 1 alone)
 
-Starts `mlflow server` on 127.0.0.1 over the store (mlic_dist.mlflow_server.MlflowServer), opens
+Starts `mlflow server` on 127.0.0.1 over the store (mlic_dist.tracking.server.MlflowServer), opens
   - `#/experiments/<ID>/runs`: the runs table (MLflow 3 otherwise opens an experiment on its GenAI
     overview, traces and latency, which shows nothing of training runs), and
   - `#/compare-runs?runs=[...]&experiments=[...]`: params and metrics of up to 4 runs side by side,
@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from cdp import BrowserError, find_chromium  # noqa: E402  (bench/cdp.py)
 
 from mlic_dist.errors import UserError  # noqa: E402
-from mlic_dist.mlflow_server import MlflowServer  # noqa: E402
+from mlic_dist.tracking.server import MlflowServer  # noqa: E402
 
 # Columns ticked in the runs table when the runs have them (the first ones found, in this order).
 METRIC_COLUMNS = ["test_mAP", "final_val_mAP", "val_loss", "ensemble_test_mAP"]
@@ -60,9 +60,9 @@ def make_demo_runs(root: Path, experiment: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from mlic_dist.config import load_config
-    from mlic_dist.scenes import build_scenes
+    from mlic_dist.demo.scenes import build_scenes
     from mlic_dist.shard import shard
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
     shards = root / "shards"

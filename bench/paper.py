@@ -228,7 +228,7 @@ def main(argv=None) -> int:
 
     import time
 
-    from mlic_dist.demo import prepare_data
+    from mlic_dist.demo.run import prepare_data
     from mlic_dist.sweep.spec import load_sweep
     from trainer import machine_info
 

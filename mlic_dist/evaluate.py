@@ -23,29 +23,35 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mlic_dist import metrics, rundir
+from . import metrics, rundir
+from .cli import entry_point
+from .errors import UserError
+
+
+class EvaluateError(UserError, ValueError):
+    """An input file of `evaluate` is missing or not what it should hold."""
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
     """np.load without pickles; errors name the file and what it should hold."""
     if not Path(path).is_file():
-        raise ValueError(f"{what} file {path} does not exist")
+        raise EvaluateError(f"{what} file {path} does not exist")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
-        raise ValueError(f"{what} file {path} is not a readable .npy array: {err}") from None
+        raise EvaluateError(f"{what} file {path} is not a readable .npy array: {err}") from None
 
 
 def load_classes(path: Path) -> list[str]:
     """A JSON list of class names."""
     if not Path(path).is_file():
-        raise ValueError(f"classes file {path} does not exist")
+        raise EvaluateError(f"classes file {path} does not exist")
     try:
         names = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"classes file {path} is not valid JSON: {err}") from None
+        raise EvaluateError(f"classes file {path} is not valid JSON: {err}") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"classes file {path} must hold a JSON list of class names (strings)")
+        raise EvaluateError(f"classes file {path} must hold a JSON list of class names (strings)")
     return names
 
 
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.thresholds is not None:
         names = classes or [f"class_{i}" for i in range(scores.shape[1])]
         if not args.thresholds.is_file():
-            raise ValueError(f"thresholds file {args.thresholds} does not exist")
+            raise EvaluateError(f"thresholds file {args.thresholds} does not exist")
         thresholds = metrics.load_thresholds(args.thresholds, names)
     threshold = 0.5 if args.threshold is None else args.threshold
     return metrics.evaluate(scores, targets, classes, k=args.top_k, threshold=threshold,
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -131,11 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--scores needs --targets")
     if args.run_dir is not None and (args.targets is not None or args.classes is not None):
         parser.error("--run-dir reads targets and classes from the run; drop --targets/--classes")
-    try:
-        result = run(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run(args)
     print(json.dumps(result, indent=2) if args.format == "json" else format_table(result))
     return 0
 

@@ -44,12 +44,20 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
+
+from .errors import UserError
+from .resources import usable_cores
+
+
+class MetricsError(UserError, ValueError):
+    """Score / target / threshold inputs that the metrics cannot take; the message names the fix."""
+
 
 SUMMARY_KEYS = ("CP", "CR", "CF1", "CF1_mean", "OP", "OR", "OF1")
 TOPK_IGNORE_MODES = ("exclude", "slot")
@@ -65,26 +73,26 @@ def validate(scores, targets) -> tuple[np.ndarray, np.ndarray]:
     targets = np.asarray(targets)
     for name, arr in (("scores", scores), ("targets", targets)):
         if arr.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D (N, C) array; got shape {arr.shape}")
+            raise MetricsError(f"{name} must be a 2-D (N, C) array; got shape {arr.shape}")
         if arr.size == 0:
-            raise ValueError(f"{name} is empty (shape {arr.shape}); need at least one image and one class")
+            raise MetricsError(f"{name} is empty (shape {arr.shape}); need at least one image and one class")
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}")
+            raise MetricsError(f"{name} must be numeric; got dtype {arr.dtype}")
     if scores.shape != targets.shape:
-        raise ValueError(
+        raise MetricsError(
             f"scores shape {scores.shape} != targets shape {targets.shape}; both must be (N, C) "
             "with the same images (rows) and classes (columns)")
     scores = scores.astype(np.float64)
     bad = ~np.isfinite(scores)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(
+        raise MetricsError(
             f"scores has {int(bad.sum())} non-finite value(s); first at (row {row}, col {col}) = "
             f"{scores[row, col]}; fix the model output or drop those rows")
     bad = ~np.isin(targets, (-1, 0, 1))
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(
+        raise MetricsError(
             f"targets must be 1 (positive), 0 (negative) or -1 (ignore); {int(bad.sum())} value(s) "
             f"are not, first at (row {row}, col {col}) = {targets[row, col].item()!r}")
     return scores, targets.astype(np.int8)
@@ -92,7 +100,7 @@ def validate(scores, targets) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_k(k: int, num_classes: int) -> int:
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= num_classes:
-        raise ValueError(f"k={k!r} must be an integer in 1..{num_classes} (the number of classes)")
+        raise MetricsError(f"k={k!r} must be an integer in 1..{num_classes} (the number of classes)")
     return int(k)
 
 
@@ -100,15 +108,15 @@ def _per_class_thresholds(threshold, thresholds, num_classes: int) -> np.ndarray
     """(C,) thresholds from a global float or a per-class sequence (which wins when given)."""
     if thresholds is None:
         if isinstance(threshold, bool) or not np.isscalar(threshold) or not np.isfinite(threshold):
-            raise ValueError(f"threshold={threshold!r} must be a finite number, e.g. 0.5")
+            raise MetricsError(f"threshold={threshold!r} must be a finite number, e.g. 0.5")
         return np.full(num_classes, float(threshold))
     out = np.asarray(thresholds, dtype=np.float64)
     if out.shape != (num_classes,):
-        raise ValueError(
+        raise MetricsError(
             f"thresholds has shape {out.shape}; need one per class, shape ({num_classes},)")
     if not np.isfinite(out).all():
         col = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise ValueError(f"thresholds[{col}] = {out[col]} is not finite")
+        raise MetricsError(f"thresholds[{col}] = {out[col]} is not finite")
     return out
 
 
@@ -127,7 +135,7 @@ def average_precision(scores, targets) -> np.ndarray:
 
 def mean_average_precision(scores, targets) -> float:
     """mAP over the classes with at least one positive; NaN if no class has one."""
-    return _nanmean(average_precision(scores, targets))
+    return nanmean(average_precision(scores, targets))
 
 
 def example_average_precision(scores, targets) -> np.ndarray:
@@ -182,11 +190,11 @@ class FastAP:
     def __init__(self, targets, threads: Optional[int] = None):
         targets = np.asarray(targets)
         if targets.ndim != 2 or targets.size == 0:
-            raise ValueError(f"targets must be a non-empty 2-D (N, C) array; got shape {targets.shape}")
+            raise MetricsError(f"targets must be a non-empty 2-D (N, C) array; got shape {targets.shape}")
         bad = ~np.isin(targets, (-1, 0, 1))
         if bad.any():
             row, col = np.argwhere(bad)[0]
-            raise ValueError(f"targets must be 1, 0 or -1; (row {row}, col {col}) = {targets[row, col].item()!r}")
+            raise MetricsError(f"targets must be 1, 0 or -1; (row {row}, col {col}) = {targets[row, col].item()!r}")
         self.num_samples, self.num_classes = targets.shape
         by_class = targets.T                                              # (C, N)
         self.positives = [np.flatnonzero(row == 1) for row in by_class]   # C x (P_c,) row indices
@@ -199,7 +207,7 @@ class FastAP:
         sorts the caller's array in place (saves a copy; it is garbage afterwards)."""
         x = np.asarray(scores_cn)
         if x.shape != (self.num_classes, self.num_samples):
-            raise ValueError(f"scores must be class-major (C, N) = {(self.num_classes, self.num_samples)}; "
+            raise MetricsError(f"scores must be class-major (C, N) = {(self.num_classes, self.num_samples)}; "
                              f"got {x.shape} (transpose an (N, C) matrix with .T)")
         if x.dtype not in (np.float32, np.float64):
             x, overwrite = x.astype(np.float64), True
@@ -227,15 +235,8 @@ class FastAP:
                                           zip(bounds[:-1], bounds[1:])))
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @functools.lru_cache(maxsize=None)
 def _sort_pool(threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlic-sort")
 
 
@@ -245,10 +246,10 @@ def average_precision_fast(scores, targets, threads: Optional[int] = None) -> np
     scores = np.asarray(scores)
     targets = np.asarray(targets)
     if scores.shape != targets.shape or scores.ndim != 2:
-        raise ValueError(f"scores shape {scores.shape} != targets shape {targets.shape}; both must be (N, C)")
+        raise MetricsError(f"scores shape {scores.shape} != targets shape {targets.shape}; both must be (N, C)")
     if not np.isfinite(scores).all():
         row, col = np.argwhere(~np.isfinite(scores))[0]
-        raise ValueError(f"scores has a non-finite value at (row {row}, col {col}) = {scores[row, col]}")
+        raise MetricsError(f"scores has a non-finite value at (row {row}, col {col}) = {scores[row, col]}")
     return FastAP(targets, threads)(scores.T)
 
 
@@ -261,7 +262,7 @@ def topk_predictions(scores, targets, k: int = 3, topk_ignore: str = "exclude") 
     scores, targets = validate(scores, targets)
     k = _check_k(k, scores.shape[1])
     if topk_ignore not in TOPK_IGNORE_MODES:
-        raise ValueError(f"topk_ignore={topk_ignore!r}; choose one of {list(TOPK_IGNORE_MODES)}")
+        raise MetricsError(f"topk_ignore={topk_ignore!r}; choose one of {list(TOPK_IGNORE_MODES)}")
     valid = targets != -1
     ranked = np.where(valid, scores, -np.inf) if topk_ignore == "exclude" else scores
     # A stable sort of -score keeps equal scores in class order: deterministic ties.
@@ -277,7 +278,7 @@ def threshold_predictions(scores, threshold: float = 0.5, thresholds=None) -> np
     """(N, C) bool: score >= threshold (global), or >= thresholds[c] per class when given."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be a 2-D (N, C) array; got shape {scores.shape}")
+        raise MetricsError(f"scores must be a 2-D (N, C) array; got shape {scores.shape}")
     return scores >= _per_class_thresholds(threshold, thresholds, scores.shape[1])[None, :]
 
 
@@ -288,7 +289,10 @@ def _f1(p, r):
         return np.where(p + r > 0, 2 * p * r / (p + r), np.where(np.isnan(p + r), np.nan, 0.0))
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nanmean(values) -> float:
+    """Mean over the defined entries (a class without positives has NaN AP / recall); NaN when
+    none is defined. mAP = nanmean(average_precision(...)): the one definition of the mean."""
+    values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else float("nan")
 
@@ -303,7 +307,7 @@ def precision_recall_f1(predicted, targets, count_ignored_predictions: bool = Fa
     predicted = np.asarray(predicted, dtype=bool)
     targets = np.asarray(targets)
     if predicted.shape != targets.shape or predicted.ndim != 2:
-        raise ValueError(f"predicted shape {predicted.shape} != targets shape {targets.shape}; "
+        raise MetricsError(f"predicted shape {predicted.shape} != targets shape {targets.shape}; "
                          "both must be (N, C)")
     positive = targets == 1
     counted = predicted if count_ignored_predictions else predicted & (targets != -1)
@@ -316,12 +320,12 @@ def precision_recall_f1(predicted, targets, count_ignored_predictions: bool = Fa
         r = np.where(has_pos, num_correct / num_positives, np.nan)
     f1 = _f1(p, r)
     cp = float(p[has_pos].mean()) if has_pos.any() else float("nan")
-    cr = _nanmean(r)
+    cr = nanmean(r)
     tp, npred, npos = num_correct.sum(), num_predicted.sum(), num_positives.sum()
     op = float(tp / npred) if npred else 0.0
     orec = float(tp / npos) if npos else float("nan")
     return {
-        "CP": cp, "CR": cr, "CF1": float(_f1(cp, cr)), "CF1_mean": _nanmean(f1),
+        "CP": cp, "CR": cr, "CF1": float(_f1(cp, cr)), "CF1_mean": nanmean(f1),
         "OP": op, "OR": orec, "OF1": float(_f1(op, orec)),
         "P": p, "R": r, "F1": f1,
         "num_correct": num_correct, "num_predicted": num_predicted, "num_positives": num_positives,
@@ -364,22 +368,22 @@ def load_thresholds(path: Union[str, Path], classes: Sequence[str]) -> np.ndarra
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"thresholds file {path} is not valid JSON: {err}") from None
+        raise MetricsError(f"thresholds file {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"thresholds file {path} must hold a JSON object {{class name: threshold}}; "
+        raise MetricsError(f"thresholds file {path} must hold a JSON object {{class name: threshold}}; "
                          f"got {type(data).__name__}")
     classes = list(classes)
     missing = [c for c in classes if c not in data]
     unknown = [c for c in data if c not in set(classes)]
     if missing or unknown:
-        raise ValueError(
+        raise MetricsError(
             f"thresholds file {path} does not match the classes: missing {missing[:10]}, "
             f"unknown {unknown[:10]}; re-tune the thresholds for this class list")
     out = np.empty(len(classes))
     for i, name in enumerate(classes):
         value = data[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise ValueError(f"thresholds file {path}: {name!r} = {value!r} is not a finite number")
+            raise MetricsError(f"thresholds file {path}: {name!r} = {value!r} is not a finite number")
         out[i] = float(value)
     return out
 
@@ -389,11 +393,11 @@ def _check_classes(classes: Optional[Sequence[str]], num_classes: int) -> list[s
         return [f"class_{i}" for i in range(num_classes)]
     classes = [str(c) for c in classes]
     if len(classes) != num_classes:
-        raise ValueError(f"got {len(classes)} class names for {num_classes} score columns; "
+        raise MetricsError(f"got {len(classes)} class names for {num_classes} score columns; "
                          "pass the class list the scores were written with")
     if len(set(classes)) != len(classes):
         dup = sorted({c for c in classes if classes.count(c) > 1})
-        raise ValueError(f"class names must be unique; repeated: {dup[:10]}")
+        raise MetricsError(f"class names must be unique; repeated: {dup[:10]}")
     return classes
 
 
@@ -429,8 +433,8 @@ def evaluate(scores, targets, classes: Optional[Sequence[str]] = None, k: int = 
     return {
         "num_samples": int(scores.shape[0]),
         "num_classes": num_classes,
-        "mAP": _py(_nanmean(ap)),
-        "eAP": _py(_nanmean(example_average_precision(scores, targets))),
+        "mAP": _py(nanmean(ap)),
+        "eAP": _py(nanmean(example_average_precision(scores, targets))),
         f"top{_check_k(k, num_classes)}": {key: _py(top[key]) for key in SUMMARY_KEYS},
         "thresh": {key: _py(thr[key]) for key in SUMMARY_KEYS},
         "per_class": per_class,

@@ -15,13 +15,28 @@ loaded with `weights_only=True`.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .cli import entry_point
+from .errors import UserError
+
+
+class ModelError(UserError, ValueError):
+    """An unknown backbone, or weights that do not fit it; the message names the fix."""
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+    """A pretrained weights file is not where it is looked for; the message says where it goes."""
+
 
 _REGISTRY: dict[str, Callable[..., "MultiLabelNet"]] = {}
 
@@ -81,7 +96,7 @@ def _imagenet_state_dict(arch: str) -> dict:
             # The file is local, so get_state_dict loads it without touching the network.
             return weights.get_state_dict(progress=False, check_hash=False)
     path = hub_checkpoint_path(enum.DEFAULT)
-    raise FileNotFoundError(
+    raise MissingWeightsError(
         f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} "
         f"(downloaded from {enum.DEFAULT.url}); this machine cannot download it. Copy the file "
         f"there (or set TORCH_HOME), pass model.pretrained=PATH to a state dict, or use "
@@ -92,14 +107,14 @@ def _imagenet_state_dict(arch: str) -> dict:
 def _load_state_dict_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"model.pretrained={path!r} is not a file; use imagenet, none or a path to a state dict"
         )
     sd = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # one of our checkpoints
     if not isinstance(sd, dict):
-        raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
+        raise ModelError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
     return sd
 
 
@@ -109,7 +124,7 @@ def _load_into_torchvision(tv_model: nn.Module, sd: dict, classifier_prefixes: t
     missing, unexpected = tv_model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(classifier_prefixes)]
     if missing or unexpected:
-        raise ValueError(
+        raise ModelError(
             f"state dict {source} does not fit this backbone: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (is it for another architecture?)"
         )
@@ -203,7 +218,7 @@ def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.
     """The AdvancedCNN of Nguyen (seed 000): 7x7/2 stem, 4 stages of 2 residual blocks
     (64, 128, 256, 512; stride 2 from stage 2), adaptive average pool, Dropout(0.5), Linear."""
     if pretrained == "imagenet":
-        raise ValueError("advanced_cnn has no ImageNet weights: use model.pretrained=none or a PATH")
+        raise ModelError("advanced_cnn has no ImageNet weights: use model.pretrained=none or a PATH")
     body = nn.Sequential(
         nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, 1),                 # (B, 64, H/4, W/4): 56x56 at 224 px
@@ -221,7 +236,7 @@ def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.
 def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
     """Two conv layers (tests, CI smoke runs and the 2-core demo)."""
     if pretrained == "imagenet":
-        raise ValueError("tiny_cnn has no ImageNet weights: use model.pretrained=none")
+        raise ModelError("tiny_cnn has no ImageNet weights: use model.pretrained=none")
     body = nn.Sequential(
         nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
         nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
@@ -236,9 +251,9 @@ def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -
 def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
     """Build a registered model; `pretrained` is imagenet | none | PATH to a state dict."""
     if name not in _REGISTRY:
-        raise ValueError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+        raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
     if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
+        raise ModelError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
     is_path = pretrained not in ("imagenet", "none")
     model = _REGISTRY[name](num_classes, "none" if is_path else pretrained, dropout)
     if is_path:
@@ -258,7 +273,7 @@ def load_pretrained_path(model: MultiLabelNet, name: str, path: str) -> None:
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
-            raise ValueError(f"{path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ModelError(f"{path} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return
     prefixes = {"resnet": ("fc.",), "vgg": ("classifier.6.",), "mobilenet": ("classifier.",)}
     classifier = next((v for k, v in prefixes.items() if name.startswith(k)), ())
@@ -288,12 +303,10 @@ def weights_status() -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+@entry_point
+def main(argv=None) -> int:
     """python -m mlic_dist.models [--json]: the registry, and where each backbone's ImageNet file
     goes on an offline machine ($TORCH_HOME/hub/checkpoints, see docs/weights.md)."""
-    import argparse
-    import json
-
     p = argparse.ArgumentParser(prog="python -m mlic_dist.models", description=main.__doc__)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args(argv)
@@ -305,7 +318,8 @@ def main(argv=None) -> None:
         else:
             mark = "present" if row["present"] else "missing"
             print(f"{row['model']:14s} {mark:8s} {row['path']}  <- {row['url']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,12 +38,19 @@ import numpy as np
 import torch
 
 from . import rundir
-from .destination import check_file
+from .atomic import check_file, replace_with
+from .cli import entry_point
+from .data.normalize import Normalizer
+from .data.transforms import eval_resize, load_rgb
+from .ensemble.members import fuse
+from .errors import UserError
+from .models import create_model
+from .tracking import query as mq
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """A user error: the run cannot predict, or the inputs name no image."""
 
 
@@ -51,16 +58,13 @@ class PredictError(ValueError):
 class MemberModel:
     model: torch.nn.Module
     size: int
-    normalizer: object            # data.common.Normalizer of the member's data.normalize
+    normalizer: object            # data.normalize.Normalizer of the member's data.normalize
     weight: float
     name: str
 
 
 def load_member(path: Path, device: torch.device, weight: float = 1.0) -> tuple[MemberModel, list[str]]:
     """A training run's best weights in its registry model, ready for eval; and its classes."""
-    from .data.common import Normalizer
-    from .models import create_model
-
     run = rundir.load_run(path, splits=())
     weights = run.path / rundir.BEST_MODEL
     if not weights.is_file():
@@ -105,9 +109,6 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         """images: B uint8 (3, H, W) RGB -> (B, C) float32 fused probabilities."""
-        from .data.transforms import eval_resize
-        from .fusion import fuse
-
         probs = []
         for m in self.members:
             batch = torch.stack([eval_resize(img, m.size) for img in images])         # (B, 3, S, S) uint8
@@ -134,8 +135,6 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
 
 def _read(path: Path):
     """(3, H, W) uint8, or the error text."""
-    from .data.transforms import load_rgb
-
     try:
         return load_rgb(path.read_bytes())
     except (OSError, ValueError) as e:
@@ -201,8 +200,6 @@ def write_records(records: Iterable[dict], classes: list[str], fmt: str, out) ->
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import mlflow_query as mq   # imports mlflow only when a function asks for it
-
     mq.add_run_arguments(p)
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
@@ -214,37 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from . import mlflow_query as mq
-
     args = build_parser().parse_args(argv)
     mq.fail_fast_http()
-    try:
-        if args.batch_size < 1 or args.top_k < 1 or args.workers < 1:
-            raise PredictError(f"--batch-size {args.batch_size}, --top-k {args.top_k} and --workers "
-                               f"{args.workers} must be >= 1")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise PredictError("--device cuda: no CUDA device is visible; use --device cpu")
-        if args.out is not None:   # before any image is predicted
-            check_file(args.out, "--out", PredictError, example=f"preds.{args.format}")
-        files = find_images(args.inputs)
-        predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device)
-    except (PredictError, rundir.RunDirError, mq.TrackingQueryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1 or args.top_k < 1 or args.workers < 1:
+        raise PredictError(f"--batch-size {args.batch_size}, --top-k {args.top_k} and --workers "
+                           f"{args.workers} must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.out is not None:   # before any image is predicted
+        check_file(args.out, "--out", PredictError, example=f"preds.{args.format}")
+    files = find_images(args.inputs)
+    predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device)
     start = time.perf_counter()
     records = predict_files(predictor, files, args.batch_size, args.top_k, args.workers)
     if args.out is None:
         n, errors = write_records(records, predictor.classes, args.format, sys.stdout)
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        try:
-            with open(tmp, "w", newline="") as f:
-                n, errors = write_records(records, predictor.classes, args.format, f)
-            tmp.replace(args.out)
-        finally:
-            tmp.unlink(missing_ok=True)   # an interrupted run leaves no partial file behind
+        with replace_with(args.out) as tmp, open(tmp, "w", newline="") as f:   # interrupted: no partial file
+            n, errors = write_records(records, predictor.classes, args.format, f)
     seconds = time.perf_counter() - start
     print(f"{n - errors} of {n} images predicted in {seconds:.2f} s ({(n - errors) / max(seconds, 1e-9):.1f} "
           f"images/s, {len(predictor.members)} model(s), {args.device})"

@@ -17,15 +17,17 @@ import sys
 from pathlib import Path
 
 from . import rundir
+from .cli import entry_point
 from .config import TrackingConfig, flatten
-from .errors import UserError
-from .tracking import Tracker, final_metrics
+from .errors import RunFailure, UserError
+from .tracking.query import logged_metrics
+from .tracking.tracker import Tracker, final_metrics
 
 
 def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = None,
           flush_timeout_s: float = 600.0) -> str:
     """Returns the MLflow run id. Raises UserError for a bad directory, RuntimeError when MLflow
-    did not take it."""
+    did not take it (RunFailure)."""
     try:
         run = rundir.load_run(run_dir)
     except rundir.RunDirError as e:
@@ -41,14 +43,10 @@ def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = 
     previous = recorded.get("run_id")
     run_id = tracker.start(flatten(run.config or {}), resume_run_id=previous, wait_s=60)
     if run_id is None:
-        raise RuntimeError(f"MLflow at {tracker.uri} did not answer: nothing was logged")
+        raise RunFailure(f"MLflow at {tracker.uri} did not answer: nothing was logged")
     have: dict = {}
     if run_id == previous:  # a partly logged run: add only what it lacks
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracker.uri)
-        have = {"epochs": {m.step for m in client.get_metric_history(run_id, "val_mAP")},
-                "final": set(client.get_run(run_id).data.metrics)}
+        have = logged_metrics(tracker.uri, run_id, curve="val_mAP")
     for record in run.history:
         if record.get("epoch", 0) not in have.get("epochs", ()):
             tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record.get("epoch", 0))
@@ -58,11 +56,12 @@ def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = 
     best = [run.path / rundir.BEST_MODEL] if (run.path / rundir.BEST_MODEL).is_file() else []
     tracker.log_artifacts(rundir.artifact_files(run.path) + best)
     if not tracker.finish("FINISHED" if run.metrics else "FAILED"):
-        raise RuntimeError(f"MLflow at {tracker.uri} did not take everything within {flush_timeout_s:.0f} s")
+        raise RunFailure(f"MLflow at {tracker.uri} did not take everything within {flush_timeout_s:.0f} s")
     return run_id
 
 
-def main(argv=None) -> None:
+@entry_point
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlic_dist.relog", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory written by mlic_dist.train")
@@ -70,13 +69,10 @@ def main(argv=None) -> None:
                    "store its tracking.json names)")
     p.add_argument("--experiment", help="experiment name (default: the run's tracking.experiment)")
     a = p.parse_args(argv)
-    try:
-        run_id = relog(a.run_dir, a.tracking_uri, a.experiment)
-    except (UserError, RuntimeError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2 if isinstance(e, UserError) else 1)
+    run_id = relog(a.run_dir, a.tracking_uri, a.experiment)
     print(json.dumps({"run_id": run_id, "run_dir": str(a.run_dir)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

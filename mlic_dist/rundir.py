@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import yaml
+
+from . import atomic, metrics
+from .config import config_from_dict
+from .errors import UserError
 
 CONFIG = "config.yaml"
 CLASSES = "classes.json"
@@ -54,26 +58,15 @@ def keys_file(split: str) -> str:
     return f"keys_{split}.txt"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A run directory is missing, incomplete or inconsistent; the message names the file."""
 
 
 # --------------------------------------------------------------------------- writers
 
 
-def _replace_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_text(out: str | Path, name: str, text: str) -> Path:
-    path = Path(out) / name
-    _replace_bytes(path, text.encode())
-    return path
+    return atomic.write_text(Path(out) / name, text)
 
 
 def write_json(out: str | Path, name: str, obj) -> Path:
@@ -82,7 +75,6 @@ def write_json(out: str | Path, name: str, obj) -> Path:
 
 def write_config(out: str | Path, config: dict) -> Path:
     """`config` as a nested plain dict (`config.to_dict(cfg)`)."""
-    import yaml
 
     return write_text(out, CONFIG, yaml.safe_dump(config, sort_keys=False))
 
@@ -115,21 +107,17 @@ def write_split(out: str | Path, split: str, scores: np.ndarray, targets: np.nda
     out = Path(out)
     paths = []
     for name, arr in ((scores_file(split), scores), (targets_file(split), targets)):
-        tmp = out / f".{name}.tmp-{os.getpid()}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, out / name)
+        with atomic.replace_with(out / name) as tmp:   # keeps .npy: np.save would append it
+            np.save(tmp, arr)
         paths.append(out / name)
     paths.append(write_text(out, keys_file(split), "".join(k + "\n" for k in keys)))
     return paths
 
 
 def write_thresholds(out: str | Path, thresholds, classes: Sequence[str]) -> Path:
-    from . import metrics
-
     path = Path(out) / THRESHOLDS
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    metrics.save_thresholds(tmp, thresholds, classes)
-    os.replace(tmp, path)
+    with atomic.replace_with(path) as tmp:
+        metrics.save_thresholds(tmp, thresholds, classes)
     return path
 
 
@@ -197,7 +185,6 @@ class RunDir:
 
     def cfg(self):
         """The run's config as a validated `Config` (raises ConfigError on an unknown key)."""
-        from .config import config_from_dict
 
         if self.config is None:
             raise RunDirError(f"{self.path} has no {CONFIG} (an ensemble: see {ENSEMBLE})")
@@ -246,10 +233,9 @@ def load_split(path: str | Path, split: str, num_classes: Optional[int] = None) 
                           f"{targets.shape}; both must be (N, C)")
     if num_classes is not None and scores.shape[1] != num_classes:
         raise RunDirError(f"{sfile} has {scores.shape[1]} columns, {CLASSES} lists {num_classes} classes")
-    if kfile.is_file():
-        keys = kfile.read_text().splitlines()
-    else:  # written before keys existed: positional keys still align runs of one shard set
-        keys = [str(i) for i in range(scores.shape[0])]
+    if not kfile.is_file():
+        raise RunDirError(f"{sfile} has no {kfile.name} beside it; the run's outputs are incomplete")
+    keys = kfile.read_text().splitlines()
     if len(keys) != scores.shape[0]:
         raise RunDirError(f"{kfile} lists {len(keys)} keys but {sfile.name} has {scores.shape[0]} "
                           "rows; the run's saved outputs are inconsistent")
@@ -258,7 +244,6 @@ def load_split(path: str | Path, split: str, num_classes: Optional[int] = None) 
 
 def load_run(path: str | Path, splits: Sequence[str] = SPLITS) -> RunDir:
     """Read a run (or ensemble) directory. Raises RunDirError naming the file at fault."""
-    from . import metrics
 
     path = Path(path)
     if not path.is_dir():
@@ -275,8 +260,6 @@ def load_run(path: str | Path, splits: Sequence[str] = SPLITS) -> RunDir:
             loaded[split] = s
     config = None
     if (path / CONFIG).is_file():
-        import yaml
-
         try:
             config = yaml.safe_load((path / CONFIG).read_text())
         except yaml.YAMLError as e:

@@ -49,8 +49,8 @@ def train_small_runs(base: Path) -> TrainedRuns:
     from mlflow.tracking import MlflowClient
 
     from mlic_dist.config import load_config
-    from mlic_dist.tracking import ensure_experiment, init_sqlite_store
-    from mlic_dist.train import train
+    from mlic_dist.tracking.store import ensure_experiment, init_sqlite_store
+    from mlic_dist.train.loop import train
 
     base = Path(base)
     shards = build_small_shards(base, n_train=48, n_val=14, n_test=12, num_classes=4, samples_per_shard=9)

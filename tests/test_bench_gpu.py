@@ -35,7 +35,7 @@ def _load_gpu_module():
 def _loaders_missing() -> str | None:
     try:
         from mlic_dist.data import build_loader  # noqa: F401
-        import mlic_dist.train  # noqa: F401
+        import mlic_dist.train.loop  # noqa: F401
     except ImportError as e:
         return f"mlic_dist.data / mlic_dist.train not importable yet ({e})"
     for mod in ("nvidia.dali", "webdataset", "skimage"):

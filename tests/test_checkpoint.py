@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlic_dist import checkpoint
+from mlic_dist.train import checkpoint
 
 
 def _save(out, epoch, step, payload=None, keep=2):

@@ -10,10 +10,11 @@ import torch
 
 from mlic_dist.config import DataConfig
 from mlic_dist.data import ShardDataError, build_loader, read_manifest
-from mlic_dist.data.common import MEAN_STD, labels_to_targets
+from mlic_dist.config.choices import MEAN_STD
+from mlic_dist.data.batch import labels_to_targets
 from mlic_dist.data.labels import read_split_labels
 from mlic_dist.data.mixup import mixup_pairs, or_mixup
-from mlic_dist.data.presets import NAMES as PRESET_NAMES
+from mlic_dist.config.choices import NAMES as PRESET_NAMES
 from shard_fixtures import build_small_shards, garble_sample, truncate_shard
 
 LOADERS = ["dali", "torch"]
@@ -129,7 +130,7 @@ def test_m2_augments_and_differs_per_epoch(shards, loader):
 
 def test_augment_choices_come_from_the_preset_table():
     from mlic_dist.config import ConfigError
-    from mlic_dist.config_table import describe
+    from mlic_dist.config.reference import describe
 
     assert PRESET_NAMES == ("M0", "M1", "M2", "M3", "RA", "CO")
     with pytest.raises(ConfigError, match=r"data.augment='M9'.*\['M0', 'M1', 'M2', 'M3', 'RA', 'CO'\]"):
@@ -140,7 +141,7 @@ def test_augment_choices_come_from_the_preset_table():
 
 def _fill_pixels(images: torch.Tensor, normalize="imagenet") -> torch.Tensor:
     """(B, S, S) bool: pixels whose 3 channels equal Cutout's fill after normalisation."""
-    from mlic_dist.data.presets import fill_value
+    from mlic_dist.data.augment import fill_value
 
     mean, std = MEAN_STD[normalize]
     want = torch.tensor([(f - m) / s for f, m, s in zip(fill_value(normalize), mean, std)])
@@ -202,11 +203,12 @@ def test_randaugment_changes_images_replays_and_keeps_the_global_rng(shards, loa
 
 
 def test_dali_graph_extras_on_the_cpu(tmp_path):
-    """The operators the GPU pipeline runs for RA / CO (presets.dali_extras), here on DALI's CPU
+    """The operators the GPU pipeline runs for RA / CO (augment.dali_extras), here on DALI's CPU
     backend: shapes and dtype kept, Cutout (p=1) erases one rectangle with the fill, a seed replays."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from mlic_dist.data.presets import dali_extras, fill_value, get_preset
+    from mlic_dist.config.choices import get_preset
+    from mlic_dist.data.augment import dali_extras, fill_value
 
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(6)]
@@ -371,7 +373,7 @@ def test_dali_and_torch_eval_agree(shards):
 
 
 def test_buffer_pool_never_hands_out_a_held_buffer():
-    from mlic_dist.data.common import BufferPool
+    from mlic_dist.data.normalize import BufferPool
 
     pool, shape = BufferPool(), torch.Size((4, 5))
     a = pool.empty(shape, torch.float32)

@@ -1,4 +1,4 @@
-"""`make demo` at a small size. The scene builder (mlic_dist/scenes.py): labels are exactly the
+"""`make demo` at a small size. The scene builder (mlic_dist/demo/scenes.py): labels are exactly the
 visible pasted objects (checked against the source photos' pixels), builds are deterministic
 whatever the worker count, every class is in every split, only photos inside the scikit-image
 wheel are read. End to end: scenes -> shards -> pretrained MobileNetV2 (ImageNet weights from the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlic_dist.scenes import CLASSES, OBJECTS, SceneSpec, _sources, build_scenes, make_scene
+from mlic_dist.demo.scenes import CLASSES, OBJECTS, SceneSpec, _sources, build_scenes, make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 # No rotation, recolouring, partial views or clutter: a pasted object is its source photo, resized
@@ -183,7 +183,7 @@ def test_demo_sweeps_ensembles_and_reports_end_to_end(tmp_path):
 
 
 def test_demo_names_a_new_sweep_and_resumes_the_newest(tmp_path):
-    from mlic_dist.demo import sweep_name
+    from mlic_dist.demo.run import sweep_name
     from mlic_dist.errors import UserError
 
     with pytest.raises(UserError, match="no demo sweep"):

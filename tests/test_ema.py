@@ -1,4 +1,4 @@
-"""mlic_dist.ema and the trainer's weight EMA: the average itself (parameters and BatchNorm
+"""mlic_dist.train.ema and the trainer's weight EMA: the average itself (parameters and BatchNorm
 buffers), updates on applied optimizer steps only, selection of the better of raw and EMA
 weights (history, metrics.json, best_model.pt). DDP agreement and kill-and-resume are in
 test_train.py (the 2-process and SIGKILL tests run with EMA on)."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlic_dist.config import load_config
-from mlic_dist.ema import build_ema
+from mlic_dist.train.ema import build_ema
 from shard_fixtures import build_small_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_ema_is_the_exponential_average_of_weights_and_buffers():
 def test_skipped_steps_never_reach_the_ema(shards, tmp_path, monkeypatch):
     """Every third backward pass makes NaN gradients: those optimizer steps are skipped, and the
     EMA counts only the applied ones (n_averaged = steps - skipped)."""
-    import mlic_dist.train as T
+    import mlic_dist.train.loop as T
 
     real = T.train_one_epoch
     calls = {"n": 0}
@@ -89,7 +89,7 @@ def test_skipped_steps_never_reach_the_ema(shards, tmp_path, monkeypatch):
 def test_the_better_of_raw_and_ema_is_selected_and_saved(shards, tmp_path, monkeypatch, winner):
     """Scripted validation losses (select_metric=val_loss) decide which weights win in the last
     epoch; best_model.pt must then hold exactly those weights of that epoch's checkpoint."""
-    import mlic_dist.train as T
+    import mlic_dist.train.loop as T
 
     scripted = {"raw": iter([1.0, 0.4 if winner == "raw" else 0.9]), "ema": iter([0.95, 0.5])}
     real = T.evaluate

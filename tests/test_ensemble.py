@@ -11,8 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ensemble_runs import EXPERIMENT, isolated_store, train_small_runs
-from mlic_dist import ensemble, metrics, rundir
-from mlic_dist.ensemble_selection import greedy_select
+import mlic_dist.ensemble.__main__ as ensemble_cli
+from mlic_dist import metrics, rundir
+from mlic_dist.ensemble import build as ensemble
+from mlic_dist.ensemble.selection import greedy_select
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def by_key(run_dir, split):
 
 
 def run_cli(argv, capsys):
-    rc = ensemble.main([str(a) for a in argv])
+    rc = ensemble_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -175,7 +177,7 @@ def test_grouping_ignores_what_a_resume_may_change_except_the_training_length_an
     """A member resumed with train.resume_accept (and another max_nonfinite_steps, resume path,
     loader) stays in its ScaleEn group: grouping and resume read one list (config.py)."""
     from mlic_dist.config import RESUME_FREE, flatten, load_config, to_dict
-    from mlic_dist.ensemble_selection import find_groups
+    from mlic_dist.ensemble.selection import find_groups
 
     base = flatten(to_dict(load_config(None, ["model.backbone=tiny_cnn"])))
 
@@ -269,7 +271,7 @@ def test_cli_select_under_an_explicit_parent_and_from_run_ids(trained, store, tm
     pair = [trained.run_ids["m1-32-s0"], trained.run_ids["m1-40-s0"]]
     (scale,) = ensemble.build_ensembles(EXPERIMENT, ["scale", "distr"], store, out_dir=tmp_path / "ids", run_ids=pair)
     assert scale.ensemble["kind"] == "scale" and [m["run_id"] for m in scale.ensemble["members"]] == pair
-    from mlic_dist.mlflow_query import TrackingQueryError
+    from mlic_dist.tracking.query import TrackingQueryError
 
     with pytest.raises(TrackingQueryError, match="'ensemble' run"):
         ensemble.build_ensembles(EXPERIMENT, ["greedy"], store, out_dir=tmp_path / "ids2",

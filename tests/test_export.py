@@ -1,4 +1,4 @@
-"""mlic_dist.export and mlic_dist.serving on REAL trained runs (tests/ensemble_runs.py): the ONNX
+"""mlic_dist.export and mlic_dist.export.pyfunc on REAL trained runs (tests/ensemble_runs.py): the ONNX
 file run by onnxruntime and the TorchScript file run by torch give back the scores the trainer
 saved for the validation images (a run, and a two-size ensemble), with the run's thresholds and
 classes in their metadata; the MLflow pyfunc model served by `mlflow models serve` answers with
@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from ensemble_runs import isolated_store, train_small_runs
-from mlic_dist import ensemble, rundir
-from mlic_dist.export import export, read_metadata, resize
-from mlic_dist.mlflow_server import stop_group
+from mlic_dist.ensemble import build as ensemble
+from mlic_dist import rundir
+from mlic_dist.export.formats import export_file
+from mlic_dist.export.model import read_metadata, resize
+from mlic_dist.tracking.server import stop_group
 from mlic_dist.predict import Predictor, predict_files
 from processes import wait_http
 
@@ -93,7 +95,7 @@ def test_onnx_and_torchscript_reproduce_the_saved_scores(trained, pair, val_file
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.splitlines()[-1])["max_abs_diff"] < 1e-3
-    export(run_dir, "torchscript", ts_file)
+    export_file(run_dir, "torchscript", ts_file)
 
     for path in (onnx_file, ts_file):
         meta = read_metadata(path)
@@ -153,7 +155,7 @@ def test_an_export_that_does_not_compute_the_model_is_refused_and_not_kept(train
 
     from mlflow.tracking import MlflowClient
 
-    from mlic_dist.export import main
+    from mlic_dist.export.__main__ import main
 
     def other_model(module):
         wrong = copy.deepcopy(module)
@@ -186,8 +188,8 @@ def test_an_export_that_does_not_compute_the_model_is_refused_and_not_kept(train
 def test_predict_and_export_find_a_run_id_through_mlflow_query(trained, tmp_path, capsys):
     """`--run RUN_ID` means the same in both commands (mlflow_query.resolve_run_dir): the run's
     run_dir tag, or one line naming the run id that is not there."""
-    from mlic_dist import mlflow_query as mq
-    from mlic_dist.export import main as export_main
+    from mlic_dist.tracking import query as mq
+    from mlic_dist.export.__main__ import main as export_main
     from mlic_dist.predict import main as predict_main
 
     store = isolated_store(trained, tmp_path / "store")
@@ -217,8 +219,8 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    import mlic_dist.export
-    from mlic_dist.serving import PATHS_ENV
+    import mlic_dist.export.__main__
+    from mlic_dist.export.pyfunc import PATHS_ENV
 
     store = isolated_store(trained, tmp_path / "store")
     run_id = trained.run_ids["m1-40-s0"]
@@ -226,7 +228,7 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     # the command line (the README's): the run found through MLflow, logged there and registered
     capsys.readouterr()
-    assert mlic_dist.export.main(["--run", run_id, "--tracking-uri", store, "--format", "mlflow",
+    assert mlic_dist.export.__main__.main(["--run", run_id, "--tracking-uri", store, "--format", "mlflow",
                                   "--register", "mlic-scenes"]) == 0
     done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # later processes (a sweep's trials) inherit the environment: export must leave it as it was

@@ -173,9 +173,9 @@ def _linear_run(shards, tmp_path, loss_name="bce"):
     validation pass's loss then measure the same thing on the same images."""
     from mlic_dist.data import build_loader
     from mlic_dist.models import MultiLabelNet
-    from mlic_dist.optim import build_optimizer
-    from mlic_dist.tracking import Tracker
-    from mlic_dist.train import Run, TrainState, build_accelerator
+    from mlic_dist.train.optim import build_optimizer
+    from mlic_dist.tracking.tracker import Tracker
+    from mlic_dist.train.loop import Run, TrainState, build_accelerator
 
     cfg = load_config(None, [f"data.shards={shards}", "data.size=32", "data.loader=torch", "data.augment=M0",
                              "data.difficult=ignore", "data.batch_size_per_gpu=4", "data.num_workers=1",
@@ -198,8 +198,8 @@ def _linear_run(shards, tmp_path, loss_name="bce"):
 @pytest.mark.parametrize("loss_name", ["bce", "asl"])
 def test_train_and_val_loss_are_the_same_quantity(tmp_path, loss_name):
     from mlic_dist.data.labels import read_split_labels
-    from mlic_dist.scoring import predict_split
-    from mlic_dist.train import train_one_epoch
+    from mlic_dist.train.scoring import predict_split
+    from mlic_dist.train.loop import train_one_epoch
     from shard_fixtures import build_small_shards
 
     shards = build_small_shards(tmp_path / "data")

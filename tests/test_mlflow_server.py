@@ -1,4 +1,4 @@
-"""mlic_dist.mlflow_server with real `mlflow server` processes: `stop_group` ends a whole process
+"""mlic_dist.tracking.server with real `mlflow server` processes: `stop_group` ends a whole process
 group (children that ignore SIGTERM too); the server's watchdog ends it when the process that
 started it is SIGKILLed; a sweep's --resume still stops a server left alive (stop_stale_server)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mlic_dist.mlflow_server import MlflowServer, stop_group
+from mlic_dist.tracking.server import MlflowServer, stop_group
 from mlic_dist.sweep.state import stop_stale_server
 from processes import group
 
@@ -49,7 +49,7 @@ def test_stop_group_ends_the_leader_and_children_that_ignore_sigterm():
 
 def test_the_server_ends_when_the_process_that_started_it_is_sigkilled(tmp_path):
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mlic_dist.mlflow_server import MlflowServer; "
+        [sys.executable, "-c", "import sys, time; from mlic_dist.tracking.server import MlflowServer; "
          "s = MlflowServer(sys.argv[1]).start(); print(s.proc.pid, s.port, flush=True); time.sleep(600)",
          f"sqlite:///{tmp_path / 'mlflow.db'}"],
         cwd=tmp_path, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

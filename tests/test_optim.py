@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mlic_dist import optim
+from mlic_dist.train import optim
 from mlic_dist.config import load_config
 from mlic_dist.models import create_model
 

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from ensemble_runs import isolated_store, train_small_runs
-from mlic_dist import ensemble, rundir
+from mlic_dist.ensemble import build as ensemble
+from mlic_dist import rundir
 from mlic_dist.predict import Predictor, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_a_bf16_run_keeps_fp32_scores_that_predict_reproduces(trained, images, t
     epoch under autocast, but the scores the run keeps (and tunes its thresholds on) are scored in
     fp32, as predict computes them: predict gives them back to 1e-5 (bf16 scores: ~1e-4 off)."""
     from mlic_dist.config import load_config
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
     from shard_fixtures import tiny_run_overrides
 
     out = tmp_path / "bf16"
@@ -172,7 +173,7 @@ def test_png_gray_palette_cmyk_and_exif_rotated_inputs_convert_like_the_shards(t
     assert np.abs(s["gray.png"] - s["rgb.png"]).max() > 1e-4          # the conversions did change the input
     # the shard writer's own conversion of the rotated file gives the same pixels predict uses
     from mlic_dist.data.transforms import load_rgb
-    from mlic_dist.shard.writer import to_rgb
+    from mlic_dist.images import to_rgb
 
     shard_view = np.asarray(to_rgb(Image.open(tmp_path / "rotated.png")))
     assert torch.equal(load_rgb((tmp_path / "rotated.png").read_bytes()).permute(1, 2, 0),
@@ -185,7 +186,7 @@ def test_loaders_eval_batches_equal_predict_preprocessing(trained, images):
     from dataclasses import replace
 
     from mlic_dist.data import build_loader
-    from mlic_dist.data.common import Normalizer
+    from mlic_dist.data.normalize import Normalizer
     from mlic_dist.data.transforms import eval_resize, load_rgb
 
     cfg = rundir.load_run(trained.runs["m1-40-s0"]).cfg()

@@ -13,7 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ensemble_runs import EXPERIMENT, isolated_store, overrides, train_small_runs
-from mlic_dist import ensemble, metrics, report, rundir
+import mlic_dist.report.__main__ as report_cli
+from mlic_dist import metrics, rundir
+from mlic_dist.ensemble import build as ensemble
+from mlic_dist.report import tables as report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,11 +117,11 @@ def test_calibration_tables_and_plots(trained, built):
 def test_cli_from_run_dirs_without_mlflow(trained, built, tmp_path, capsys):
     _, ensembles, _, _ = built
     dirs = [str(trained.runs["m1-32-s0"]), str(trained.runs["m1-40-s0"]), str(ensembles[0].path)]
-    assert report.main(["--run-dirs", *dirs, "--out", str(tmp_path / "r")]) == 0
+    assert report_cli.main(["--run-dirs", *dirs, "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "Single best (val)" in out and ensembles[0].name in out
     assert (tmp_path / "r" / "report.md").is_file() and not (tmp_path / "r" / "tracking.json").exists()
-    assert report.main(["--run-dirs", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    assert report_cli.main(["--run-dirs", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and len(err.strip().splitlines()) == 1
 
@@ -126,8 +129,8 @@ def test_cli_from_run_dirs_without_mlflow(trained, built, tmp_path, capsys):
 def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
     """Two trainings, an ensemble and a report, all talking HTTP to one `mlflow server`."""
     from mlic_dist.config import load_config
-    from mlic_dist.mlflow_server import MlflowServer
-    from mlic_dist.train import train
+    from mlic_dist.tracking.server import MlflowServer
+    from mlic_dist.train.loop import train
 
     with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "artifacts",
                       log_file=tmp_path / "server.log") as server:

@@ -13,7 +13,7 @@ import torch
 
 from mlic_dist.config import load_config
 from mlic_dist.errors import UserError
-from mlic_dist.resume import config_changes
+from mlic_dist.train.resume import config_changes
 from shard_fixtures import build_small_shards, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_keys_added_since_a_checkpoint_count_as_their_defaults():
 
 
 def test_changed_lr_is_refused_with_both_values_then_accepted_on_purpose(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     train(load_config(None, ov(shards, out, **{"train.epochs": 1})))
@@ -83,7 +83,7 @@ def test_changed_lr_is_refused_with_both_values_then_accepted_on_purpose(shards,
 
 
 def test_free_keys_change_without_asking_and_are_recorded(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     train(load_config(None, ov(shards, out, **{"train.epochs": 1})))
@@ -94,7 +94,7 @@ def test_free_keys_change_without_asking_and_are_recorded(shards, tmp_path):
 
 
 def test_other_data_is_refused_even_at_the_same_path(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     data = tmp_path / "data"
     shutil.copytree(shards, data)
@@ -121,7 +121,7 @@ def _cut_to_mid_epoch(out: Path, name: str) -> None:
 
 
 def test_a_changed_loader_mid_epoch_restarts_that_epoch(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     common = {"train.checkpoint_every_steps": 2, "train.keep_checkpoints": 1}
@@ -165,7 +165,7 @@ def _best_epoch_weights(out: Path, epoch: int) -> dict:
 
 
 def test_resume_into_another_directory_brings_the_best_weights_along(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     a, b = tmp_path / "A", tmp_path / "B"
     train(load_config(None, ov(shards, a, **{"train.epochs": 1})))
@@ -182,7 +182,7 @@ def test_resuming_an_older_checkpoint_scores_the_best_weights_its_state_names(sh
     """Go back to epoch 1's checkpoint after a run of 3 epochs whose best moved on: the best
     candidate that checkpoint names was kept, later checkpoints are removed, and the final scores
     come from the weights metrics.json reports."""
-    import mlic_dist.train as T
+    import mlic_dist.train.loop as T
 
     out = tmp_path / "run"
     vals = iter([0.5, 0.9, 0.99, 0.1, 0.1])  # epochs 0..2, then (after going back) epochs 1..2 again
@@ -202,7 +202,7 @@ def test_resuming_an_older_checkpoint_scores_the_best_weights_its_state_names(sh
 
 def test_a_checkpoint_from_before_new_keys_still_resumes(shards, tmp_path):
     """Keys added to the config since a checkpoint was written compare at their defaults."""
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     train(load_config(None, ov(shards, out, **{"train.epochs": 1})))

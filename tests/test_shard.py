@@ -240,10 +240,9 @@ def test_malformed_xml_json_csv_name_file_and_line(tmp_path, capsys):
     with pytest.raises(SourceError, match=r"Annotations/\d+\.xml:\d+:\d+: malformed XML"):
         shard("voc", tmp_path / "voc", tmp_path / "o1", **QUIET)
     make_coco(tmp_path / "coco", n_train=2, n_val=1, malformed=True)
-    with pytest.raises(SystemExit) as e:  # through the CLI: non-zero exit, clear message
-        cli_main(["coco", str(tmp_path / "coco"), "--split",
-                  "train=annotations/instances_train2014.json", "--out", str(tmp_path / "o2")])
-    assert e.value.code == 2   # a user error
+    code = cli_main(["coco", str(tmp_path / "coco"), "--split",   # through the CLI: a clear message
+                     "train=annotations/instances_train2014.json", "--out", str(tmp_path / "o2")])
+    assert code == 2   # a user error
     assert "instances_train2014.json:" in capsys.readouterr().err
     csv_path, _ = make_csv(tmp_path / "csv", {"train": 3})
     with open(csv_path, "a") as f:
@@ -515,10 +514,9 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
                "--out", str(tmp_path / "o")], "--classes applies to csv and voc"),
              (["csv", str(csv_path), "--out", str(tmp_path / "o"), "--quality", "0"], "--quality=0")]
     for argv, words in cases:
-        with pytest.raises(SystemExit) as e:
-            cli_main(argv)
+        code = cli_main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and words in err, err
+        assert code == 2 and err.startswith("error: ") and words in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
@@ -527,10 +525,9 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
 # python -m mlic_dist.shard verify
 
 def run_verify(capsys, *argv) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        cli_main(["verify", *map(str, argv)])
+    code = cli_main(["verify", *map(str, argv)])
     out = capsys.readouterr()
-    return e.value.code, out.out + out.err
+    return code, out.out + out.err
 
 
 def test_verify_clean_corrupt_and_truncated(tmp_path, capsys):

@@ -88,7 +88,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from mlic_dist.mlflow_server import MlflowServer
+    from mlic_dist.tracking.server import MlflowServer
 
     db = tmp_path_factory.mktemp("sweep-mlflow") / "mlflow.db"
     with MlflowServer(f"sqlite:///{db}") as s:
@@ -360,10 +360,10 @@ def test_dry_run_lists_every_trial_and_its_resources(shards, tmp_path, capsys):
 
 def test_cli_flags_reach_the_sweep_settings(shards, tmp_path, capsys, monkeypatch):
     """Each option of launch/sweep.py overrides its `sweep:` setting (the run itself is not started)."""
-    import mlic_dist.sweep.run
+    import mlic_dist.sweep.__main__ as sweep_cli
 
     seen = {}
-    monkeypatch.setattr(mlic_dist.sweep.run, "run_sweep", lambda spec, **kw: seen.update(spec=spec, **kw) or 0)
+    monkeypatch.setattr(sweep_cli, "run_sweep", lambda spec, **kw: seen.update(spec=spec, **kw) or 0)
     path = write_sweep(tmp_path / "flags.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
     rc, _ = _main(["--config", str(path), "--workers-per-trial", "2", "--gpus-per-worker", "0.5",
                    "--cpus-per-worker", "3", "--max-concurrent", "4", "--max-failures", "5", "--asha",
@@ -391,7 +391,7 @@ def test_settling_completes_finished_trials_from_their_directories_and_closes_th
     from mlic_dist import rundir
     from mlic_dist.config import load_config
     from mlic_dist.sweep.results import TrialOutcome, settle_trial_runs, table
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -14,7 +14,7 @@ import pytest
 
 from mlic_dist.config import TrackingConfig, load_config
 from mlic_dist.relog import relog
-from mlic_dist.tracking import Tracker, final_metrics
+from mlic_dist.tracking.tracker import Tracker, final_metrics
 from processes import wait_http
 from shard_fixtures import build_small_shards, tiny_run_overrides
 
@@ -210,7 +210,7 @@ def _silent_server():
 
 
 def test_a_server_that_never_answers_costs_about_nothing(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     t0 = time.perf_counter()
     train(load_config(None, train_overrides(shards, tmp_path / "off", "x", **{"tracking.enabled": False})))
@@ -233,7 +233,7 @@ def test_a_server_that_never_answers_costs_about_nothing(shards, tmp_path):
 def test_a_run_whose_tracking_failed_is_relogged_from_its_directory(shards, tmp_path, free_port):
     from mlflow.tracking import MlflowClient
 
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="relog"):
@@ -274,7 +274,7 @@ def test_runs_say_what_code_and_data_made_them(shards, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train(load_config(None, train_overrides(shards, tmp_path / "run", uri, **{"train.epochs": 1})))
@@ -369,7 +369,7 @@ def test_the_documented_mlflow_ui_command_shows_the_stores_runs(tmp_path, free_p
 
     from mlflow.tracking import MlflowClient
 
-    from mlic_dist.tracking import init_sqlite_store
+    from mlic_dist.tracking.store import init_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     init_sqlite_store(uri)

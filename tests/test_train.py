@@ -54,7 +54,7 @@ def assert_run_dir(out: Path, n_val: int, n_test: int, c: int = 4):
 def test_train_in_process_writes_everything_and_tracks_to_mlflow(shards, tmp_path, loader):
     from mlflow.tracking import MlflowClient
 
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs/recipes/wang.yaml", overrides(shards, out, **{"data.loader": loader}))
@@ -72,7 +72,7 @@ def test_train_in_process_writes_everything_and_tracks_to_mlflow(shards, tmp_pat
 
 
 def test_learns_the_fixture_task(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     cfg = load_config(None, overrides(shards, tmp_path / "run", **{
         "train.epochs": 6, "optim.name": "adam", "optim.lr": 0.01, "optim.head_lr": 0.01,
@@ -97,7 +97,7 @@ def test_accelerate_launch_cpu(shards, tmp_path):
 def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shards, tmp_path, loader, free_port):
     from mlic_dist.data import build_loader
     from mlic_dist.models import create_model
-    from mlic_dist.train import param_digest
+    from mlic_dist.train.distributed import param_digest
 
     out = tmp_path / "run"
     p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -113,7 +113,7 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     state = torch.load(sorted((out / "checkpoints").glob("e*"))[-1] / "state.pt", weights_only=True)
     model.load_state_dict(state["model"])
     assert param_digest(model) == m["param_digest"]
-    from mlic_dist.ema import build_ema, digest
+    from mlic_dist.train.ema import build_ema, digest
 
     ema = build_ema(model, 0.8, "cpu")
     ema.load_state_dict(state["ema"])   # rank 0's, which every rank holds after training
@@ -173,7 +173,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(shards, tmp_path,
 
 
 def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path, free_port):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     cfg = load_config(None, overrides(shards, tmp_path / "run", **{"train.epochs": 1,
                                                                    "tracking.uri": f"http://127.0.0.1:{free_port}"}))
@@ -185,7 +185,7 @@ def test_dead_mlflow_server_does_not_stop_training(shards, tmp_path, free_port):
 def test_early_stopping_plateau_and_best_checkpoint_follow_validation(shards, tmp_path, monkeypatch):
     """Scripted validation losses drive the real loop: plateau (patience 2) halves the lr after the
     3rd bad epoch, early stopping (4) ends the run, the best epoch has the lowest loss."""
-    import mlic_dist.train as T
+    import mlic_dist.train.loop as T
 
     losses = iter([1.0, 0.8, 0.9, 0.85, 0.95, 0.99])
     real = T.evaluate
@@ -206,7 +206,7 @@ def test_early_stopping_plateau_and_best_checkpoint_follow_validation(shards, tm
 
 
 def test_step_schedule_decays_after_step_epochs(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     cfg = load_config(ROOT / "configs/recipes/wang.yaml", overrides(shards, tmp_path / "run", **{
         "train.epochs": 3, "schedule.step_epochs": 2, "train.max_steps_per_epoch": 1, "tracking.enabled": False}))
@@ -220,7 +220,7 @@ def test_bad_config_and_missing_shards_are_clear_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mlic_dist.train", "data.sise=3"], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 2 and "data.sise" in p.stderr and "Traceback" not in p.stderr
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     with pytest.raises(Exception, match="manifest"):
         train(load_config(None, [f"data.shards={tmp_path / 'nowhere'}", "tracking.enabled=false",
@@ -230,7 +230,7 @@ def test_bad_config_and_missing_shards_are_clear_errors(tmp_path):
 def test_best_model_follows_the_checkpoint_after_a_crash_between_them(shards, tmp_path):
     """A new best is a candidate file until the checkpoint naming it is written; a crash in
     between must not leave a best_model.pt the trainer state does not describe."""
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     cfg = load_config(None, overrides(shards, out, **{"tracking.enabled": False}))
@@ -248,7 +248,7 @@ def test_best_model_follows_the_checkpoint_after_a_crash_between_them(shards, tm
 
 
 def test_resume_never_refuses_a_used_output_dir(shards, tmp_path):
-    from mlic_dist.train import train
+    from mlic_dist.train.loop import train
 
     out = tmp_path / "run"
     train(load_config(None, overrides(shards, out, **{"train.epochs": 1, "tracking.enabled": False})))
@@ -261,7 +261,7 @@ def test_unwrap_strips_ddp_and_compile_in_either_order(free_port):
     from accelerate.utils import extract_model_from_parallel
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mlic_dist.distributed import unwrap
+    from mlic_dist.train.distributed import unwrap
 
     class Acc:  # the one Accelerator method unwrap() uses
         unwrap_model = staticmethod(extract_model_from_parallel)
@@ -300,7 +300,7 @@ def test_divergence_is_named_at_the_step_not_discovered_in_validation(shards, tm
 
 
 def test_divergence_after_a_good_epoch_names_that_checkpoint(shards, tmp_path, monkeypatch):
-    import mlic_dist.train as T
+    import mlic_dist.train.loop as T
 
     real = T.train_one_epoch
 

@@ -8,16 +8,15 @@
             ...
 
 `data.loader=dali` (default) or `torch`; both follow docs/contracts.md and the rank plan in
-common.py. Benchmark: `python bench/loader.py --loader dali|torch|baseline`.
+plan.py. Benchmark: `python bench/loader.py --loader dali|torch|baseline`.
 """
 from __future__ import annotations
 
-from .common import Batch, labels_to_targets
 from .integrity import ShardDataError
 from .manifest import Manifest, SplitInfo, read_manifest
 
-__all__ = ["Batch", "Manifest", "ShardDataError", "SplitInfo", "build_loader", "labels_to_targets",
-           "read_manifest"]
+# torch-free on import (the shard workers read data/integrity.py); the loaders import torch
+__all__ = ["Manifest", "ShardDataError", "SplitInfo", "build_loader", "read_manifest"]
 
 
 def build_loader(data_cfg, split: str, *, train: bool, rank: int = 0, world_size: int = 1,

@@ -7,7 +7,7 @@ on this project's 2-core box (slower than the decode), so there DALI decodes (on
 region for M2/M3, `decoders.image_random_crop`) and pads the batch, and torch's uint8 bilinear
 kernel does the resize (+flip) per image in the main process (~0.4 ms).
 
-RandAugment / Cutout (presets RA, CO; mlic_dist/data/presets.py): on a GPU they are DALI
+RandAugment / Cutout (presets RA, CO; mlic_dist/data/augment.py): on a GPU they are DALI
 operators in the graph (`auto_aug.rand_augment`, `fn.erase`) after the resize. On the CPU path
 they run in torch after the torch resize, with the torchvision v2 transforms the torch loader
 uses, one image after another in the main process (`apply_extras`, seeded per batch). Why:
@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import torch
 
-from .common import BufferPool, LoaderBase, default_workers, mix_seed
+from ..config.choices import get_preset
+from .augment import dali_extras, torch_extras
+from .base import LoaderBase, default_workers
 from .integrity import ShardDataError, find_bad_samples, verify_hint
-from .presets import dali_extras, get_preset, torch_extras
+from .normalize import BufferPool
+from .plan import mix_seed
 from .transforms import squash_resize
 
 
@@ -102,7 +105,7 @@ def resize_batch(padded: torch.Tensor, shapes: torch.Tensor, size: int, flips, a
 
 
 def apply_extras(images: torch.Tensor, extras, seed: int) -> None:
-    """RandAugment / Cutout (torchvision v2, `presets.torch_extras`) in place on (B, S, S, 3)
+    """RandAugment / Cutout (torchvision v2, `augment.torch_extras`) in place on (B, S, S, 3)
     uint8, one image after another in this thread: torchvision draws from torch's global RNG,
     so it is seeded here for this batch inside `fork_rng` (the trainer's stream -- dropout --
     is left as it was, and the batch replays exactly)."""

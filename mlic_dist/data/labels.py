@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .integrity import ShardDataError, iter_samples, size_problem, shard_size_error
+from .integrity import ShardDataError, iter_samples, shard_size_error, size_problem
 from .manifest import read_manifest
 
 

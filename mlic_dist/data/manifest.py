@@ -10,6 +10,7 @@ disk is not what the manifest recorded (`integrity.check_shard_size`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,6 @@ def content_digest(shards_dir) -> Optional[str]:
     sha256 and sample counts (not the manifest's timings, arguments or paths: re-sharding the
     same data elsewhere gives the same digest). Runs record it (MLflow tag and dataset input) and
     a resume compares it. None without a manifest."""
-    import hashlib
 
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():

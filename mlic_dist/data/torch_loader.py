@@ -1,6 +1,6 @@
 """Pure-PyTorch loader: webdataset tars -> torchvision decode + transforms v2 -> DataLoader workers.
 
-Same rank plan as DALI (see common.py): rank r reads the contiguous id range of its slot, so
+Same rank plan as DALI (see plan.py): rank r reads the contiguous id range of its slot, so
 the two loaders see the same samples per rank and both give every rank the same batch count,
 whatever the shard count. Within a rank, the batches are dealt to the K DataLoader workers in
 contiguous runs (worker k: batches [nb*k//K, nb*(k+1)//K)), so each worker yields only full
@@ -27,10 +27,11 @@ import tarfile
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import LoaderBase, default_workers, mix_seed
-from .integrity import (REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error,
-                        size_problem)
-from .presets import get_preset, torch_extras
+from ..config.choices import get_preset
+from .augment import torch_extras
+from .base import LoaderBase, default_workers
+from .integrity import REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error, size_problem
+from .plan import mix_seed
 from .transforms import EvalTransform
 
 
@@ -43,7 +44,7 @@ def _worker_init(_):
 
 
 def _transform(train: bool, data_cfg):
-    """The preset's per-image steps (presets.py) on a (3, H, W) uint8 image -> (3, S, S) uint8."""
+    """The preset's per-image steps (data/augment.py) on a (3, H, W) uint8 image -> (3, S, S) uint8."""
     from torchvision.transforms import v2
 
     preset, size = get_preset(data_cfg.augment), data_cfg.size

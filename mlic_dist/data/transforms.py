@@ -6,9 +6,9 @@ One definition, used by the torch loader's eval path, the DALI loader's CPU resi
     from mlic_dist.data.transforms import load_rgb, eval_resize
     img = load_rgb(Path("photo.png").read_bytes())   # (3, H, W) uint8 RGB, upright
     img = eval_resize(img, size)                      # (3, S, S) uint8: squash, bilinear, antialias
-    x = Normalizer(cfg.data.normalize, device)(img[None])   # (1, 3, S, S) float32 (data.common)
+    x = Normalizer(cfg.data.normalize, device)(img[None])   # (1, 3, S, S) float32 (data/normalize.py)
 
-- `load_rgb` converts like `python -m mlic_dist.shard` does (`shard.writer.to_rgb`: EXIF
+- `load_rgb` converts like `python -m mlic_dist.shard` does (`mlic_dist.images`: EXIF
   rotation applied, transparency flattened onto white, grayscale / CMYK / palette / 16-bit to
   8-bit RGB), so a PNG or a rotated phone photo given to `predict` looks like its shard copy.
 - `eval_resize` squashes to S x S (no crop, no aspect ratio kept: the seed's `Resize((S, S))`)
@@ -18,10 +18,11 @@ One definition, used by the torch loader's eval path, the DALI loader's CPU resi
 """
 from __future__ import annotations
 
-import io
-
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..images import decode
 
 
 def squash_resize(images: torch.Tensor, size: int, antialias: bool = True,
@@ -35,13 +36,20 @@ def squash_resize(images: torch.Tensor, size: int, antialias: bool = True,
     src = images if batched else images.unsqueeze(0)
     if out is None:
         out = torch.empty((src.shape[0], src.shape[1], size, size), dtype=src.dtype, device=src.device)
-    op = torch._C._nn._upsample_bilinear2d_aa if antialias else torch._C._nn.upsample_bilinear2d
     try:
-        op(src, (size, size), False, None, None, out=out)
+        _bilinear_into(src, size, antialias, out)
     except (AttributeError, RuntimeError, TypeError):  # a torch without these ops' out= form
         out.copy_(F.interpolate(src, size=(size, size), mode="bilinear", antialias=antialias,
                                 align_corners=False))
     return out if batched else out[0]
+
+
+def _bilinear_into(src: torch.Tensor, size: int, antialias: bool, out: torch.Tensor) -> None:
+    """F.interpolate's bilinear kernel writing into `out`: aten's `_upsample_bilinear2d_aa` /
+    `upsample_bilinear2d` out= overloads under the private `torch._C._nn`, checked against torch
+    2.11-2.14 (tests/test_private_apis.py checks they equal F.interpolate bit for bit)."""
+    op = torch._C._nn._upsample_bilinear2d_aa if antialias else torch._C._nn.upsample_bilinear2d
+    op(src, (size, size), False, None, None, out=out)
 
 
 def eval_resize(images: torch.Tensor, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,21 +69,7 @@ class EvalTransform:
 
 
 def load_rgb(data: bytes) -> torch.Tensor:
-    """Encoded image bytes (any format PIL reads) -> (3, H, W) uint8 RGB, upright.
-    Raises ValueError naming what is wrong when the bytes are not a readable image."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from ..shard.writer import to_rgb
-
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))
-        im.load()   # full decode: a truncated file fails here, not later
-        im = to_rgb(im)
-    except UnidentifiedImageError:
-        raise ValueError("not a recognised image format") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-        raise ValueError(f"cannot decode image: {type(e).__name__}: {e}"[:300]) from None
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    """Encoded image bytes (any format PIL reads) -> (3, H, W) uint8 RGB, upright
+    (mlic_dist/images.py's rule). Raises ValueError naming what is wrong when the bytes are not a
+    readable image."""
+    return torch.from_numpy(np.asarray(decode(data), dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)

@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ShardError, SourceError, shard
+from ..cli import entry_point
+from ..errors import UserError
+from . import ShardError, shard, verify as verify_module
+from .verify import verify
 
 
 def _pairs(flag: str):
@@ -79,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
-    from . import verify
-
-    p = argparse.ArgumentParser(prog="python -m mlic_dist.shard verify", description=verify.__doc__,
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.shard verify", description=verify_module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="a directory written by `python -m mlic_dist.shard` (its --out)")
     p.add_argument("--decode", action="store_true", help="also decode every image")
@@ -91,10 +92,11 @@ def build_verify_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+@entry_point
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["verify"]:
-        verify_main(argv[1:])
+        return verify_main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     args = dict(vars(a), split=dict(a.split), images_dir=dict(a.images_dir))  # for the manifest
@@ -106,23 +108,19 @@ def main(argv=None) -> None:
               max_side=a.max_side, quality=a.quality, workers=a.workers,
               max_reject_fraction=a.max_reject_fraction, overwrite=a.overwrite,
               progress=a.progress, args=args)
-    except (SourceError, ShardError, ValueError, OSError) as e:   # OSError: an unreadable/unwritable path
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:   # a bad option value (ShardOptions), an unreadable/unwritable path
+        if isinstance(e, UserError):
+            raise
+        raise ShardError(str(e)) from None
+    return 0
 
 
-def verify_main(argv) -> None:
-    from .verify import VerifyUsageError, verify
-
+def verify_main(argv) -> int:
     a = build_verify_parser().parse_args(argv)
-    try:
-        report = verify(a.dir, decode=a.decode, splits=a.split, workers=a.workers)
-    except VerifyUsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = verify(a.dir, decode=a.decode, splits=a.split, workers=a.workers)
     print(report.text(), flush=True)
-    sys.exit(0 if report.ok else 1)
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

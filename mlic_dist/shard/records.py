@@ -17,12 +17,14 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
+from ..errors import UserError
+
 SPLITS = ("train", "val", "test")
 _MAX_KEY_LEN = 80  # USTAR tar names hold 100 chars; leave room for ".json"
 CLASSES_FROM = ("data", "file", "dataset")  # names found in the labels | --classes | the format's list
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An input file is malformed or missing; the message names the file, line and the fix."""
 
 

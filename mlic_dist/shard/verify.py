@@ -26,8 +26,11 @@ from typing import Optional
 
 import numpy as np
 
+from ..data.integrity import ShardDataError, index_mismatch, iter_samples, read_index, sample_problem, tar_members
+from ..errors import UserError
 
-class VerifyUsageError(ValueError):
+
+class VerifyUsageError(UserError, ValueError):
     """The command cannot run as asked (no such directory, unknown split): exit status 2."""
 
 
@@ -146,8 +149,6 @@ def _verify_split(report: Report, split: str, info: dict, classes: list[str], ke
 def check_shard(job: tuple) -> tuple[list[Finding], int, np.ndarray, np.ndarray]:
     """One shard (runs in a worker process with --workers): (findings, samples read,
     positive and ignore counts per class)."""
-    from mlic_dist.data.integrity import (ShardDataError, index_mismatch, read_index, sample_problem,
-                                          tar_members)
 
     root, entry, first_id, classes, keys, decode = job
     C = len(classes)
@@ -211,8 +212,6 @@ def check_shard(job: tuple) -> tuple[list[Finding], int, np.ndarray, np.ndarray]
 
 
 def _samples(tar: Path, decode: bool):
-    from mlic_dist.data.integrity import iter_samples
-
     return iter_samples(tar, read=None if decode else ("lbl", "id", "json"))
 
 

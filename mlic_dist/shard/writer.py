@@ -1,8 +1,8 @@
 """Validate and encode images, write WebDataset tars + DALI indexes, the manifest and the rejects.
 
 Layout of DIR (docs/contracts.md): `{split}-{NNNNNN}.tar` + `.idx` (DALI wds2idx), `{split}-keys.txt`,
-`manifest.json`, `rejects.jsonl`. Everything is written into a sibling `DIR.tmp-XXXX` that is renamed
-to DIR only after the manifest is complete, so an interrupted run never leaves a tar a manifest
+`manifest.json`, `rejects.jsonl`. Everything is written into a sibling temporary directory that replaces
+DIR only after the manifest is complete (atomic.replace_dir), so an interrupted run never leaves a tar a manifest
 claims; an existing DIR is replaced only with `overwrite=True`.
 
 Decoding (to validate) and re-encoding are CPU-bound and run in a process pool (`workers`); results
@@ -16,10 +16,7 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -27,8 +24,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+from tqdm import tqdm
 
+from ..atomic import replace_dir
+from ..errors import UserError
+from ..images import to_rgb
 from .classes import count_table, occurrences, typo_warnings
 from .records import SPLITS, Record, Reject, SourceDataset
 
@@ -37,7 +38,7 @@ _TAR_MTIME = 1_700_000_000  # fixed member mtime: byte-identical tars across run
 _EXIF_ORIENTATION = 0x0112
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """The run cannot produce a valid shard directory; the message says why and what to change."""
 
 
@@ -78,22 +79,6 @@ class ShardOptions:
 
 # --------------------------------------------------------------------------------------------
 # image validation / encoding (runs in worker processes: keep it importable without webdataset)
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """A decoded image upright (EXIF orientation applied) in 8-bit RGB: transparency flattened
-    onto white, 16-bit scaled down, grayscale / CMYK / palette converted. The shards and
-    `mlic_dist.predict` (through data/transforms.py) both convert with this."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")  # flatten transparency onto white, like a browser would
-        im = Image.new("RGB", rgba.size, (255, 255, 255))
-        im.paste(rgba, mask=rgba.getchannel("A"))
-    elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.point(lambda v: v / 256).convert("L").convert("RGB")
-    elif im.mode != "RGB":
-        im = im.convert("RGB")
-    return im
-
 
 def encode_image(task: tuple) -> tuple:
     """(path, max_side, quality) -> ("ok", jpeg, w, h, reasons) | ("reject", reason, detail).
@@ -284,32 +269,17 @@ def write_shards(ds: SourceDataset, opts: ShardOptions, args: dict,
         raise ShardError(f"output directory {out} already exists; pass --overwrite to replace it "
                          "or choose another --out")
     _check_rejects(ds.rejects, ds.num_inputs, opts, final=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; shards are read by other users/jobs
-    try:
+    # incl. KeyboardInterrupt: replace_dir leaves nothing half-written behind
+    with replace_dir(out) as tmp:
         manifest = _write_all(ds, opts, args, carved, tmp)
-        if out.exists():  # re-checked: another run may have finished meanwhile
-            if not opts.overwrite:
-                raise ShardError(f"output directory {out} appeared during the run; pass --overwrite")
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            out.rename(old / "d")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        out.with_name(out.name + ".rejects.jsonl").unlink(missing_ok=True)  # a failed run's list
-    except BaseException:  # incl. KeyboardInterrupt: leave nothing half-written behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out.exists() and not opts.overwrite:  # re-checked: another run may have finished meanwhile
+            raise ShardError(f"output directory {out} appeared during the run; pass --overwrite")
+    out.with_name(out.name + ".rejects.jsonl").unlink(missing_ok=True)  # a failed run's list
     return manifest
 
 
 def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: Path) -> dict:
     import webdataset  # noqa: F401  (seconds: torch) import before the clock starts
-    from tqdm import tqdm
 
     rejects = list(ds.rejects)
     by_split = {s: order_records([r for r in ds.records if r.split == s], s, opts.seed)

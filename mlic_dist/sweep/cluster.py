@@ -65,7 +65,9 @@ def _loopback_node():
     """Ray started inside this block takes 127.0.0.1 as its node IP, so its servers bind the
     loopback interface only. Ray reads the switch once, at import (ray_constants); the processes
     it starts read the variable. Both are put back afterwards: a later ray.init in this process
-    (a test joining a simulated cluster) must find the routable address again."""
+    (a test joining a simulated cluster) must find the routable address again.
+    Ray's private `ray._private.ray_constants.ENABLE_RAY_CLUSTER`, checked against ray 2.60
+    (tests/test_sweep.py checks that every socket of such a Ray listens on 127.0.0.1 only)."""
     from ray._private import ray_constants
 
     before_env, before_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER

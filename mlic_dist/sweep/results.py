@@ -8,7 +8,7 @@ before the server answered, or one that died before the run was recorded in trac
 leave a finished trial's run incomplete or RUNNING (and maybe a second run). Settling completes
 each finished trial's run from its directory (`mlic_dist.relog`: only what MLflow lacks) and
 closes the others: KILLED for a trial stopped early or a superseded attempt, FAILED for a failed
-trial. Only FINISHED trial runs feed the ensembles. Reads go through `mlic_dist.mlflow_query`.
+trial. Only FINISHED trial runs feed the ensembles. Reads go through `mlic_dist.tracking.query`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from .. import rundir
+from ..relog import relog
+from ..tracking import query as mq
 
 FINISHED = "FINISHED"
 
@@ -40,7 +44,6 @@ def outcomes(result_grid, spec, interrupted: bool = False) -> list[TrialOutcome]
     metrics.json (the last step of train()); one without an error that did not was stopped early
     by ASHA, or is unfinished when the sweep was interrupted (Ctrl-C). Epochs and the best val
     mAP come from the run directory's history (Tune may miss the reports of a killed worker)."""
-    from .. import rundir
 
     by_name = {}
     for r in result_grid:
@@ -63,8 +66,6 @@ def outcomes(result_grid, spec, interrupted: bool = False) -> list[TrialOutcome]
 
 
 def _from_history(out: Path) -> tuple[Optional[int], Optional[float]]:
-    from .. import rundir
-
     path = out / rundir.HISTORY
     if not path.is_file():
         return None, None
@@ -73,8 +74,6 @@ def _from_history(out: Path) -> tuple[Optional[int], Optional[float]]:
 
 
 def experiment_id(tracking_uri: str, parent_run_id: str) -> str:
-    from .. import mlflow_query as mq
-
     return mq.get_run(mq.connect(tracking_uri), parent_run_id).experiment_id
 
 
@@ -82,7 +81,6 @@ def settle_trial_runs(tracking_uri: str, experiment: str, parent_run_id: str,
                       results: list[TrialOutcome]) -> None:
     """Make each finished trial's MLflow run whole and FINISHED (its id goes to `run_id`); close
     every other run of the sweep's trials left RUNNING (or FAILED by a trainer ASHA stopped)."""
-    from .. import mlflow_query as mq
 
     client = mq.connect(tracking_uri)
     trial_runs: dict[str, list] = {}
@@ -107,7 +105,6 @@ def settle_trial_runs(tracking_uri: str, experiment: str, parent_run_id: str,
 def _complete(client, tracking_uri: str, o: TrialOutcome, runs: list) -> Optional[str]:
     """The finished trial's FINISHED run with every epoch of its history; relogged from the run
     directory when MLflow lacks some of it."""
-    from .. import rundir
 
     recorded = (rundir.load_tracking(o.run_dir) or {}).get("run_id")
     run = next((r for r in runs if r.run_id == recorded), None)
@@ -116,8 +113,6 @@ def _complete(client, tracking_uri: str, o: TrialOutcome, runs: list) -> Optiona
         if logged >= set(range(o.epochs)):
             return run.run_id
     try:
-        from ..relog import relog
-
         return relog(o.run_dir, uri=tracking_uri, flush_timeout_s=120.0)
     except Exception as e:  # noqa: BLE001 - the run directory keeps everything; say how to retry
         warnings.warn(f"MLflow lacks part of trial {o.name} and relogging it failed ({type(e).__name__}: {e}); "

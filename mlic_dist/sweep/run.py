@@ -11,7 +11,7 @@ Order (nothing starts before the input is known good):
      check on every node; the parent MLflow run (the grid, the sweep file, its status);
   5. Tuner.fit() (or Tuner.restore(...).fit() with --resume) with the progress view;
   6. trial runs settled (left-over RUNNING runs closed as KILLED), ensembles of the finished
-     trials (`mlic_dist.ensemble.build_ensembles`) and the report (`mlic_dist.report`), nested
+     trials (`mlic_dist.ensemble.build.build_ensembles`) and the report (`mlic_dist.report`), nested
      under the parent run; the runs-page address.
 """
 from __future__ import annotations
@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import TrackingConfig, config_from_dict, flatten
+from ..ensemble.build import build_ensembles
+from ..report.tables import build_report
+from ..tracking.server import MlflowServer
+from ..tracking.store import default_uri
+from ..tracking.tracker import Tracker
+from .cluster import check_nodes, connect, plan
+from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
 from .spec import SweepError, SweepSpec, check_shards, describe_resources, dump
 from .state import check_state, stop_stale_server, write_state
+from .tune import TrialContext, make_releaser, make_tuner
 
 # Tune saves its experiment state at most every 10 s by default: a sweep killed within 10 s of
 # a trial finishing would run that trial again on --resume. Saving is cheap at sweep scale.
@@ -68,8 +76,6 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
         tracking_uri, artifacts, server_start = configured, None, None
         timings = {"mlflow_server_s": 0.0}
         if store is not None:
-            from ..mlflow_server import MlflowServer
-
             spec.root_dir.mkdir(parents=True, exist_ok=True)
             stop_stale_server(state, store)  # left behind by a sweep that was killed
             server = MlflowServer(store, log_file=spec.root_dir / "mlflow-server.log")
@@ -80,7 +86,6 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
             server_start = pool.submit(_timed, server.start)
         import ray
 
-        from .cluster import check_nodes, connect, plan
 
         t_ray = time.time()
         connect(address)
@@ -106,10 +111,7 @@ def _timed(fn) -> float:
 
 
 def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, out, callbacks, timings) -> int:
-    from ..tracking import Tracker
     from .progress import ProgressView
-    from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
-    from .tune import TrialContext, make_releaser, make_tuner
 
     base = config_from_dict(spec.base)
     root = spec.root_dir
@@ -196,8 +198,6 @@ def _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out) ->
 
 
 def _ensembles(spec, experiment, tracking_uri, parent_id, finished, out) -> None:
-    from ..ensemble import build_ensembles
-
     built = build_ensembles(experiment, list(spec.ensembles), tracking_uri, parent_run_id=parent_id,
                             out_dir=spec.root_dir / "ensembles", run_ids=finished)
     print(f"ensembles: {len(built)} built from {len(finished)} finished trials ({', '.join(spec.ensembles)}), "
@@ -205,8 +205,6 @@ def _ensembles(spec, experiment, tracking_uri, parent_id, finished, out) -> None
 
 
 def _report(spec, experiment, tracking_uri, parent_id, out) -> None:
-    from ..report import build_report
-
     report = build_report(experiment, tracking_uri, spec.root_dir / "report", parent_run_id=parent_id)
     full = next((str(p) for p in getattr(report, "paths", []) if str(p).endswith(".md")), spec.root_dir / "report")
     print("\n" + _head(report.markdown, sections=2) + f"\n(the whole report: {full})", file=out)
@@ -238,8 +236,6 @@ def _parent_params(spec: SweepSpec) -> dict:
 def _local_store(uri: Optional[str]) -> Optional[str]:
     """The SQLite URI the sweep must serve over HTTP, or None for a server / database URI."""
     if uri is None:
-        from ..tracking import default_uri
-
         return default_uri()
     if uri.startswith("sqlite:///"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())

@@ -33,7 +33,10 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import Config, ConfigError, _build, apply_overrides, config_from_dict, flatten, read_yaml, to_dict
+from ..config import Config, ConfigError, apply_overrides, build, config_from_dict, flatten, read_yaml, to_dict
+from ..data import read_manifest
+from ..errors import UserError
+from ..models import list_models
 
 ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
 # Keys the sweep sets for every trial itself: gridding over them would break tracking or resume.
@@ -48,7 +51,7 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file, override or option is wrong; the message names it and the fix (one line)."""
 
 
@@ -265,7 +268,7 @@ def build_spec(base: dict, grid, ensembles, settings: dict, source: Optional[str
                overrides: tuple = ()) -> SweepSpec:
     where = source or "sweep"
     try:
-        settings_obj = _build(SweepSettings, settings, "sweep.")
+        settings_obj = build(SweepSettings, settings, "sweep.")
     except ConfigError as e:
         raise SweepError(f"{where}: {e}") from None
     if not settings_obj.name:
@@ -370,8 +373,6 @@ def _absolute_paths(base: dict, grid: dict) -> tuple[dict, dict]:
 
 
 def _check_models(where: str, trials: list[Trial]) -> None:
-    from ..models import list_models
-
     valid = list_models()
     for t in trials:
         if t.cfg.model.backbone not in valid:
@@ -386,7 +387,6 @@ def _check_models(where: str, trials: list[Trial]) -> None:
 def check_shards(spec: SweepSpec) -> list[str]:
     """Every distinct data.shards holds a readable manifest with the splits the trials use; returns
     the shard directories. Raises SweepError naming the trial and the fix."""
-    from ..data import read_manifest
 
     seen: dict[str, str] = {}
     for t in spec.trials():

@@ -4,17 +4,18 @@ and the `mlflow server` it started, so that `--resume` continues the same sweep.
 A new sweep must not find the file (it would mix two sweeps' trials); a --resume must find one
 recording the same base config and grid. A sweep that was killed (SIGKILL) cannot stop the
 server it started (the server runs in its own session): the server's watchdog ends it within
-seconds (mlic_dist.mlflow_server); should one still be alive, --resume stops it before starting
+seconds (mlic_dist.tracking.server); should one still be alive, --resume stops it before starting
 its own.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from ..atomic import write_text
 from ..config import flatten
+from ..tracking.server import stop_group
 from .spec import SweepError, SweepSpec
 
 STATE_FILE = "sweep.json"
@@ -48,10 +49,7 @@ def write_state(spec: SweepSpec, state: dict, **updates) -> dict:
     doc = {**state, "name": spec.name, "source": spec.source, "overrides": list(spec.overrides),
            "spec": spec.to_dict(), **updates}
     doc.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
-    spec.root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = spec.root_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, spec.root_dir / STATE_FILE)
+    write_text(spec.root_dir / STATE_FILE, json.dumps(doc, indent=2, default=str))
     return doc
 
 
@@ -69,6 +67,5 @@ def stop_stale_server(state: dict, store: str, timeout_s: float = 10.0) -> bool:
         return False  # gone (or not Linux)
     if "mlflow" not in cmdline or "server" not in cmdline or store not in cmdline:
         return False
-    from ..mlflow_server import stop_group
 
     return stop_group(pid, timeout_s)   # its own session: the group is the server and its children

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config import config_from_dict, to_dict
+from ..train.loop import train
 from .cluster import Plan
-from .spec import SweepSpec
+from .spec import SweepSpec, trial_name
 
 TRIAL_LOG = "train.log"          # rank 0's output, in the trial's output directory
 TUNE_DIR, TRAIN_DIR = "_tune", "_train"
@@ -45,14 +47,11 @@ class TrialNamer:
         self.keys = list(keys)
 
     def __call__(self, trial) -> str:
-        from .spec import trial_name
-
         return trial_name(self.keys, {k: trial.config[k] for k in self.keys})
 
 
 def trial_config(ctx: TrialContext, point: dict) -> dict:
     """The trial's full training config as a plain dict: base + grid point + output dir + tracking."""
-    from ..config import to_dict
 
     cfg = to_dict(ctx.spec.trial(point).cfg)
     cfg["tracking"].update(uri=ctx.tracking_uri, parent_run_id=ctx.parent_run_id)
@@ -88,8 +87,6 @@ def train_worker(loop_config: dict) -> None:
     import ray
     import ray.train
 
-    from ..config import config_from_dict
-    from ..train import train
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -113,11 +110,9 @@ def train_worker(loop_config: dict) -> None:
                 log.write("\n")  # a killed attempt may have left a progress bar mid-line
             stack.enter_context(contextlib.redirect_stdout(log))
             stack.enter_context(contextlib.redirect_stderr(log))
-        import mlic_dist
-
         node = ray.get_runtime_context().get_node_id()
         print(f"[sweep] worker rank {rank}/{world} pid {os.getpid()} on {socket.gethostname()} node {node} "
-              f"started {time.strftime('%Y-%m-%d %H:%M:%S')} (mlic_dist from {Path(mlic_dist.__file__).parent})",
+              f"started {time.strftime('%Y-%m-%d %H:%M:%S')} (mlic_dist from {Path(__file__).resolve().parents[1]})",
               flush=True)
         t0 = time.perf_counter()
         try:

@@ -1,0 +1,119 @@
+"""Optimizer, epoch schedule, the global-batch learning-rate rule and warmup.
+
+Parameter groups: the backbone trains at `optim.lr`, the fully connected layers and the new head
+at `optim.head_lr` (`MultiLabelNet.param_groups`). The global batch is
+`data.batch_size_per_gpu x processes x train.grad_accum_steps`; the paper's recipe (0.01 / 0.1,
+batch 16) was tuned for a global batch of `optim.base_batch_size`=16. On 8 GPUs the same config
+trains at 128: `optim.lr_scaling=linear` multiplies both learning rates by global / base batch
+(Goyal et al. 2017), best with `optim.warmup_epochs`; `none` keeps them. The trainer prints and
+records which rule applied.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+GROUPS = ("backbone", "head")
+
+
+def global_batch_size(cfg, num_processes: int) -> int:
+    return cfg.data.batch_size_per_gpu * num_processes * cfg.train.grad_accum_steps
+
+
+def group_lrs(cfg, num_processes: int) -> dict[str, float]:
+    """The learning rate of each parameter group after the global-batch rule."""
+    scale = 1.0
+    if cfg.optim.lr_scaling == "linear":
+        scale = global_batch_size(cfg, num_processes) / cfg.optim.base_batch_size
+    return {"backbone": cfg.optim.lr * scale, "head": cfg.optim.head_lr * scale}
+
+
+def describe_batch(cfg, num_processes: int) -> str:
+    g = global_batch_size(cfg, num_processes)
+    lrs = group_lrs(cfg, num_processes)
+    line = (f"global batch {g} = {cfg.data.batch_size_per_gpu} per process x {num_processes} "
+            f"process(es) x {cfg.train.grad_accum_steps} accumulation step(s); lr backbone "
+            f"{lrs['backbone']:.4g}, head {lrs['head']:.4g}")
+    if cfg.optim.lr_scaling == "linear":
+        line += f" (optim.lr_scaling=linear: x {g}/{cfg.optim.base_batch_size})"
+    elif g != cfg.optim.base_batch_size:
+        line += (f" (optim.lr_scaling=none: the learning rates are not scaled for the global batch; "
+                 f"optim.base_batch_size={cfg.optim.base_batch_size})")
+    if cfg.optim.warmup_epochs:
+        line += f", warmup {cfg.optim.warmup_epochs:g} epoch(s)"
+    return line
+
+
+def build_optimizer(cfg, model, num_processes: int = 1) -> torch.optim.Optimizer:
+    backbone, head = model.param_groups()
+    lrs = group_lrs(cfg, num_processes)
+    groups = [{"params": backbone, "lr": lrs["backbone"], "name": "backbone"},
+              {"params": head, "lr": lrs["head"], "name": "head"}]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lrs["backbone"], momentum=cfg.optim.momentum,
+                               weight_decay=cfg.optim.weight_decay)
+    return torch.optim.Adam(groups, lr=lrs["backbone"], betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay)
+
+
+def build_scheduler(cfg, optimizer):
+    """Epoch-level schedules, stepped after each epoch (the seed repo stepped at epoch start,
+    which decays one epoch early on PyTorch >= 1.1)."""
+    s = cfg.schedule
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_epochs, gamma=s.gamma)
+    if s.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.plateau_factor,
+                                                          patience=s.plateau_patience)
+    return None
+
+
+def rescale_lrs(optimizer, scheduler, factors: dict[str, float]) -> None:
+    """Multiply each group's current and base learning rate (a resume that accepts a changed
+    optim.lr / head_lr, or a changed global batch under lr_scaling=linear)."""
+    for i, group in enumerate(optimizer.param_groups):
+        f = factors.get(group.get("name", GROUPS[min(i, 1)]), 1.0)
+        group["lr"] *= f
+        if "initial_lr" in group:
+            group["initial_lr"] *= f
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs[i] *= f
+        if scheduler is not None:
+            _scale_last_lr(scheduler, i, f)
+
+
+def _scale_last_lr(scheduler, group: int, factor: float) -> None:
+    """What `get_last_lr()` reports for `group`, scaled with it: torch's LRScheduler keeps it in
+    the private `_last_lr` (checked against torch 2.11-2.14; tests/test_private_apis.py)."""
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr[group] *= factor
+
+
+class Warmup:
+    """Linear warmup over the first `optim.warmup_epochs` epochs, per optimizer step, on top of
+    the epoch schedule: the scheduled rate is scaled only while the step runs, so the schedule
+    (and its checkpointed state) never sees the warmup factor."""
+
+    def __init__(self, warmup_epochs: float, steps_per_epoch: int):
+        self.total_steps = int(round(warmup_epochs * steps_per_epoch))
+
+    def factor(self, global_step: int) -> float:
+        if global_step >= self.total_steps:
+            return 1.0
+        return (global_step + 1) / self.total_steps
+
+    @contextlib.contextmanager
+    def applied(self, optimizer, global_step: int):
+        f = self.factor(global_step)
+        if f == 1.0:
+            yield
+            return
+        saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * f
+        try:
+            yield
+        finally:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
