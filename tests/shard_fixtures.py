@@ -506,6 +506,7 @@ def tiny_run_overrides(shards, out, **extra) -> list[str]:
     at 32 px, the torch loader, fp32, 2 epochs. `extra` adds or replaces keys (tracking, ...)."""
     base = {"data.shards": shards, "data.size": 32, "data.loader": "torch", "data.batch_size_per_gpu": 8,
             "data.num_workers": 1, "model.backbone": "tiny_cnn", "model.pretrained": "none",
-            "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out}
+            "train.epochs": 2, "train.mixed_precision": "no", "train.output_dir": out,
+            "optim.lr_scaling": "none"}   # tiny batches keep a recipe's rates (tests/test_scale.py tests the rule)
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

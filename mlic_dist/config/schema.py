@@ -138,17 +138,17 @@ class OptimConfig:
     """Adam betas."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
-    lr_scaling: str = "none"
-    """none (lr and head_lr as given, whatever the global batch) | linear (x global batch / base_batch_size)."""
-    base_batch_size: int = 16
-    """Global batch that lr and head_lr are meant for (the paper: 16); used by lr_scaling=linear."""
+    lr_scaling: str = "ask"
+    """What to do when the global batch differs from base_batch_size: ask (refuse to start until one of the others is chosen) | linear (lr and head_lr x global batch / base_batch_size) | none (keep them). docs/training.md."""
+    base_batch_size: int = 0
+    """Global batch the recipe's lr and head_lr were tuned for (the paper: 16); 0 = none declared (no rule applies)."""
     warmup_epochs: float = 0.0
     """Linear learning-rate warmup from ~0 over this many epochs (per optimizer step); 0 = off."""
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sgd", "adam"))
-        _check_choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
-        _check_positive("optim.base_batch_size", self.base_batch_size)
+        _check_choice("optim.lr_scaling", self.lr_scaling, ("ask", "linear", "none"))
+        _check_positive("optim.base_batch_size", self.base_batch_size, allow_zero=True)
         _check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.head_lr", self.head_lr)

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import socket
 import warnings
+from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..resources import cores_per_process
 
 
@@ -43,6 +47,50 @@ def gather(accelerator, obj) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([obj])
+
+
+def check_shared_dir(accelerator, out: Path) -> None:
+    """Every rank sees the same `out` (train.output_dir): rank 0 writes a token there, every rank
+    reads it back. Checkpoints need it (rank 0 makes a checkpoint's directory, every rank writes
+    its RNG file into it): on a node that does not share the directory the first checkpoint would
+    fail there and hang the other ranks at the next barrier. Raises the same one-line UserError on
+    every rank, naming the ranks and nodes that do not see it (no rank is left at a barrier)."""
+    err = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = e.strerror or str(e)
+    if accelerator.num_processes == 1:
+        if err:
+            raise UserError(f"train.output_dir={str(out)!r} cannot be created ({err}); choose a writable directory")
+        return
+    from accelerate.utils import broadcast_object_list
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = out / f".shared-{token[0]}"
+    if accelerator.is_main_process and err is None:
+        try:
+            probe.write_text(token[0])
+        except OSError as e:
+            err = e.strerror or str(e)
+    accelerator.wait_for_everyone()
+    try:
+        sees = probe.read_text() == token[0]
+    except OSError:
+        sees = False
+    node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("MACHINE_RANK") or "?"
+    rows = gather(accelerator, (accelerator.process_index, node, socket.gethostname(), sees, err))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [r for r in rows if not r[3]]
+    if blind:
+        where = "; ".join(f"rank {r} on node {n} ({h})" + (f": {e}" if e else "") for r, n, h, _, e in blind)
+        raise UserError(f"train.output_dir={str(out)!r} is not shared by every process: {where} do(es) not see "
+                        f"what rank 0 wrote there. Checkpoints need one directory all ranks read and write: put "
+                        f"train.output_dir on storage every node mounts at the same path (NFS, a parallel "
+                        f"filesystem), or run on one node")
 
 
 def check_ranks_in_sync(accelerator, model) -> str:

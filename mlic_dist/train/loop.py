@@ -41,13 +41,14 @@ from ..config import Config, flatten, to_dict
 from ..data import build_loader, read_manifest
 from ..data.labels import read_split_labels
 from ..data.manifest import content_digest
+from ..data.plan import mix_seed
 from ..errors import DivergenceError, UserError
 from ..losses import build_loss
 from ..models import create_model
 from ..tracking import tracker as tracking
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim
-from .distributed import build_accelerator, check_ranks_in_sync, unwrap
+from .distributed import build_accelerator, check_ranks_in_sync, check_shared_dir, unwrap
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -134,6 +135,18 @@ def _prepare_output_dir(cfg: Config) -> Path:
     return out
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """After the model exists (the same initial weights on every rank): each rank's own stream
+    for what it draws while training (dropout masks, torch-side augmentation), so N ranks see N
+    different masks a step instead of one mask N times. Rank 0 keeps `seed` (a 1-process run
+    draws as before); rank r > 0 a seed mixed from (seed, r). A resume restores each rank's
+    saved RNG state on top (checkpoint.py), so kill -9 resume stays exact."""
+    if rank > 0:
+        from accelerate.utils import set_seed
+
+        set_seed(mix_seed(seed, rank, 8))
+
+
 def build_run(cfg: Config) -> Run:
     """Everything a run needs. Bad input raises UserError (before any collective operation)."""
     acc = build_accelerator(cfg)
@@ -141,6 +154,7 @@ def build_run(cfg: Config) -> Run:
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     try:
+        optim.check_batch_policy(cfg, acc.num_processes)   # config only: every rank raises alike
         if not cfg.data.shards:
             raise UserError("data.shards is not set: pass data.shards=DIR (a directory written by "
                             "python -m mlic_dist.shard)")
@@ -150,6 +164,7 @@ def build_run(cfg: Config) -> Run:
             if split not in manifest.splits:
                 raise UserError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
                                 f"{sorted(manifest.splits)}); re-shard with a validation split")
+        check_shared_dir(acc, Path(cfg.train.output_dir))   # before anything in it is read or written
         out = _prepare_output_dir(cfg)
         model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout)
         loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
@@ -176,6 +191,7 @@ def build_run(cfg: Config) -> Run:
     if cfg.model.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
+    seed_rank(cfg.seed, acc.process_index)
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
                tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards),
@@ -315,6 +331,9 @@ def _start_tracking(run: Run, resumed) -> None:
     tags = {"backbone": cfg.model.backbone, "augment": cfg.data.augment, "size": cfg.data.size,
             "mlic.kind": "single", "mlic.world_size": run.accelerator.num_processes,
             "mlic.global_batch_size": optim.global_batch_size(cfg, run.accelerator.num_processes)}
+    rule = optim.lr_rule(cfg, run.accelerator.num_processes)
+    tags.update({"mlic.lr_scaling": rule["lr_scaling"], "mlic.lr_factor": f"{rule['factor']:g}",
+                 "mlic.effective_lr": f"{rule['lr']:g}", "mlic.effective_head_lr": f"{rule['head_lr']:g}"})
     inputs = []
     if run.manifest_sha256:
         tags["mlic.data.manifest_sha256"] = run.manifest_sha256
@@ -423,6 +442,7 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
     result: dict = {"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.history),
                     "select_metric": cfg.train.select_metric, "world_size": acc.num_processes,
                     "global_batch_size": optim.global_batch_size(cfg, acc.num_processes),
+                    "learning_rates": optim.lr_rule(cfg, acc.num_processes),
                     "skipped_steps": run.state.skipped_steps, "param_digest": last_digest,
                     "best_source": run.state.best_source}
     if ema_digest is not None:

@@ -3,16 +3,21 @@
 Parameter groups: the backbone trains at `optim.lr`, the fully connected layers and the new head
 at `optim.head_lr` (`MultiLabelNet.param_groups`). The global batch is
 `data.batch_size_per_gpu x processes x train.grad_accum_steps`; the paper's recipe (0.01 / 0.1,
-batch 16) was tuned for a global batch of `optim.base_batch_size`=16. On 8 GPUs the same config
-trains at 128: `optim.lr_scaling=linear` multiplies both learning rates by global / base batch
-(Goyal et al. 2017), best with `optim.warmup_epochs`; `none` keeps them. The trainer prints and
-records which rule applied.
+batch 16) declares the batch it was tuned for, `optim.base_batch_size: 16`. On 8 GPUs the same
+config would train at 128, so a run whose global batch differs from the declared one does not
+start until the user picks the rule (`optim.lr_scaling=ask`, the default, refuses in one line):
+`linear` multiplies both learning rates by global / base batch (Goyal et al. 2017), best with
+`optim.warmup_epochs`; `none` keeps them. The rule, its factor and the effective rates are
+printed, written to metrics.json ("learning_rates") and tagged on the MLflow run
+(`lr_rule(...)`). docs/training.md defends the policy.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from ..config import ConfigError
 
 GROUPS = ("backbone", "head")
 
@@ -21,12 +26,41 @@ def global_batch_size(cfg, num_processes: int) -> int:
     return cfg.data.batch_size_per_gpu * num_processes * cfg.train.grad_accum_steps
 
 
+def lr_factor(cfg, num_processes: int) -> float:
+    """What the global-batch rule multiplies both learning rates by (1 unless linear applies)."""
+    base = cfg.optim.base_batch_size
+    if cfg.optim.lr_scaling == "linear" and base > 0:
+        return global_batch_size(cfg, num_processes) / base
+    return 1.0
+
+
 def group_lrs(cfg, num_processes: int) -> dict[str, float]:
     """The learning rate of each parameter group after the global-batch rule."""
-    scale = 1.0
-    if cfg.optim.lr_scaling == "linear":
-        scale = global_batch_size(cfg, num_processes) / cfg.optim.base_batch_size
+    scale = lr_factor(cfg, num_processes)
     return {"backbone": cfg.optim.lr * scale, "head": cfg.optim.head_lr * scale}
+
+
+def check_batch_policy(cfg, num_processes: int) -> None:
+    """Refuse a run whose global batch differs from the one its learning rates were tuned for
+    while the rule is unchosen (optim.lr_scaling=ask): one line naming both batches and the fix."""
+    g, base = global_batch_size(cfg, num_processes), cfg.optim.base_batch_size
+    if cfg.optim.lr_scaling != "ask" or base == 0 or g == base:
+        return
+    keep = base * cfg.data.batch_size_per_gpu // g if base * cfg.data.batch_size_per_gpu % g == 0 else None
+    raise ConfigError(
+        f"global batch {g} = data.batch_size_per_gpu {cfg.data.batch_size_per_gpu} x {num_processes} process(es) x "
+        f"train.grad_accum_steps {cfg.train.grad_accum_steps}, but the learning rates (optim.lr {cfg.optim.lr:g}, "
+        f"optim.head_lr {cfg.optim.head_lr:g}) were tuned for optim.base_batch_size={base}: choose "
+        f"optim.lr_scaling=linear (both x {g / base:g}; with optim.warmup_epochs=1) or optim.lr_scaling=none "
+        f"(keep them)" + (f", or data.batch_size_per_gpu={keep} to train at {base}" if keep else ""))
+
+
+def lr_rule(cfg, num_processes: int) -> dict:
+    """The global-batch rule as applied: recorded in metrics.json and on the MLflow run."""
+    lrs = group_lrs(cfg, num_processes)
+    return {"global_batch_size": global_batch_size(cfg, num_processes), "base_batch_size": cfg.optim.base_batch_size,
+            "lr_scaling": cfg.optim.lr_scaling, "factor": lr_factor(cfg, num_processes),
+            "lr": lrs["backbone"], "head_lr": lrs["head"], "warmup_epochs": cfg.optim.warmup_epochs}
 
 
 def describe_batch(cfg, num_processes: int) -> str:
@@ -35,11 +69,11 @@ def describe_batch(cfg, num_processes: int) -> str:
     line = (f"global batch {g} = {cfg.data.batch_size_per_gpu} per process x {num_processes} "
             f"process(es) x {cfg.train.grad_accum_steps} accumulation step(s); lr backbone "
             f"{lrs['backbone']:.4g}, head {lrs['head']:.4g}")
-    if cfg.optim.lr_scaling == "linear":
-        line += f" (optim.lr_scaling=linear: x {g}/{cfg.optim.base_batch_size})"
-    elif g != cfg.optim.base_batch_size:
-        line += (f" (optim.lr_scaling=none: the learning rates are not scaled for the global batch; "
-                 f"optim.base_batch_size={cfg.optim.base_batch_size})")
+    base = cfg.optim.base_batch_size
+    if cfg.optim.lr_scaling == "linear" and base:
+        line += f" (optim.lr_scaling=linear: x {g}/{base})"
+    elif base and g != base:
+        line += f" (optim.lr_scaling=none: not scaled from optim.base_batch_size={base})"
     if cfg.optim.warmup_epochs:
         line += f", warmup {cfg.optim.warmup_epochs:g} epoch(s)"
     return line
