@@ -55,6 +55,8 @@ class DataConfig:
     """CPU threads (DALI) or DataLoader workers (torch) per process; 0 = the cores divided among local processes."""
     shuffle_buffer: int = 4096
     """Samples in the reader's shuffle buffer (shards are also shuffled when written)."""
+    shard_shuffle: bool = True
+    """Training reads the split's tars in a new order every epoch (seeded by seed and epoch), so the sample order changes beyond the shuffle buffer; false = written order every epoch."""
     train_split: str = "train"
     """Split the model trains on."""
     val_split: str = "val"
@@ -314,7 +316,7 @@ BOOKKEEPING_PREFIXES = ("tracking.",)
 # the data's content digest instead); for grouping these still tell models apart.
 RESUME_FREE = BOOKKEEPING | {"train.epochs", "train.early_stopping", "data.shards"}
 RESUME_FREE_PREFIXES = BOOKKEEPING_PREFIXES
-RESUME_REPLAY = frozenset({"data.loader", "data.num_workers", "data.shuffle_buffer"})
+RESUME_REPLAY = frozenset({"data.loader", "data.num_workers", "data.shuffle_buffer", "data.shard_shuffle"})
 
 
 def is_model_key(key: str) -> bool:

@@ -9,7 +9,7 @@ from ..resources import cores_per_process
 from .batch import Batch, labels_to_targets
 from .mixup import mixup_pairs, or_mixup
 from .normalize import Normalizer, cpu_pool
-from .plan import make_plan
+from .plan import make_plan, shard_order
 
 
 def default_workers(num_workers: int) -> int:
@@ -54,7 +54,13 @@ class LoaderBase:
         return self.train and self.preset.mixup and self.epoch % 2 == 1
 
     def _epoch_range(self) -> tuple[int, int]:
+        """This rank's positions in the epoch's tar order (`_epoch_shards`)."""
         return self.plan.id_range(self.plan.slot(self.rank, self.epoch))
+
+    def _epoch_shards(self) -> list:
+        """The split's tars (manifest.ShardInfo) in the order this epoch reads them (plan.py)."""
+        order = shard_order(len(self.info.shards), self.seed, self.epoch, self.train and self.cfg.shard_shuffle)
+        return [self.info.shards[k] for k in order]
 
     def _finish(self, images_u8: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                 mix_gen: torch.Generator) -> Batch:

@@ -41,7 +41,7 @@ from .augment import dali_extras, torch_extras
 from .base import LoaderBase, default_workers
 from .integrity import ShardDataError, find_bad_samples, verify_hint
 from .normalize import BufferPool
-from .plan import mix_seed
+from .plan import mix_seed, segments
 from .transforms import squash_resize
 
 
@@ -139,10 +139,11 @@ class DaliLoader(LoaderBase):
         if self.on_gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         cfg = self.cfg
+        shards = self._epoch_shards()   # DALI cuts shard_id / num_shards out of this order's concatenation
         pipe = _pipeline_def()(
-            self.info.tar_paths, self.info.index_paths, shard_id=slot, num_shards=self.world_size,
-            train=self.train, data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer), on_gpu=self.on_gpu,
-            batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+            [str(s.path) for s in shards], [str(s.index_path) for s in shards], shard_id=slot,
+            num_shards=self.world_size, train=self.train, data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer),
+            on_gpu=self.on_gpu, batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
             seed=mix_seed(self.seed, self.epoch, self.rank, 1), prefetch_queue_depth=2,
             enable_conditionals=self.on_gpu and self.train and self.preset.randaugment)
         names = ["images", "labels", "ids"] if self.on_gpu else ["images", "shapes", "labels", "ids"]
@@ -199,14 +200,18 @@ class DaliLoader(LoaderBase):
             it = pipe = None
 
     def _bad_data_error(self, lo: int, end: int):
-        """A ShardDataError naming the bad sample(s) with ids in [lo, end), or None when a CPU
-        scan of them finds nothing wrong (then the data is not what failed there)."""
-        problems = find_bad_samples(self.info.shards, lo, end)
+        """A ShardDataError naming the bad sample(s) at positions [lo, end) of the epoch's tar
+        order, or None when a CPU scan of them finds nothing wrong (then the data is not what
+        failed there)."""
+        shards = self._epoch_shards()
+        runs = segments(shards, lo, end)
+        problems = [p for k, a, b in runs for p in find_bad_samples([shards[k]], a, b)]
         if not problems:
             return None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         root = self.info.shards[0].path.parent
+        ids = ", ".join(f"{a}..{b - 1}" for _, a, b in runs)
         return ShardDataError(
             f"DALI failed reading split {self.split!r}; a CPU check of the samples it was reading (ids "
-            f"{lo}..{end - 1}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
+            f"{ids}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
             "from a good copy or re-run `python -m mlic_dist.shard` for the dataset")

@@ -6,14 +6,19 @@ runs M = ceil(N/W) sample slots; a rank whose range holds M-1 samples fills the 
 repeat (train) or a padding row with id -1 (eval).
 - train: slot range s = (rank + epoch) % W (ranges rotate over epochs, as DALI does without
   stick_to_shard), batches = M // batch (the partial last batch is dropped: BatchNorm and
-  equal step counts); shuffled within the range.
+  equal step counts); shuffled within the range. The ranges are positions in the epoch's tar
+  order (`shard_order`: the tars permuted per seed and epoch, the same on every rank, unless
+  data.shard_shuffle=false), so the order of the samples changes beyond the shuffle buffer from
+  one epoch to the next; `segments` maps positions back to ids.
 - eval: s = rank, batches = ceil(M / batch), every batch has `batch` rows, rows past the
   rank's samples have id -1 (so shapes are equal on every rank and all_gather works).
 """
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,29 @@ def make_plan(split: str, num_samples: int, world_size: int, batch_size: int, tr
                          f"{world_size}, fewer than data.batch_size_per_gpu={batch_size}: no full batch; "
                          f"lower data.batch_size_per_gpu to at most {plan.slots}")
     return plan
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The order in which an epoch reads a split's tars: a permutation drawn from (seed, epoch),
+    identical on every rank and in every replay of the epoch (exact resume); written order when
+    `shuffle` is off (evaluation, data.shard_shuffle=false)."""
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(mix_seed(seed, epoch, 11)).shuffle(order)
+    return order
+
+
+def segments(shards: Sequence, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Positions [lo, hi) of the concatenation of `shards` (manifest.ShardInfo, in the epoch's
+    order) as (shard index in that list, first id, end id) runs, in reading order."""
+    out, start = [], 0
+    for k, shard in enumerate(shards):
+        end = start + shard.num_samples
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            out.append((k, shard.first_id + a - start, shard.first_id + b - start))
+        start = end
+    return out
 
 
 def mix_seed(*parts: int) -> int:

@@ -31,7 +31,7 @@ from ..config.choices import get_preset
 from .augment import torch_extras
 from .base import LoaderBase, default_workers
 from .integrity import REQUIRED_EXTS, ShardDataError, decoder_reason, sample_error, shard_size_error, size_problem
-from .plan import mix_seed
+from .plan import mix_seed, segments
 from .transforms import EvalTransform
 
 
@@ -73,45 +73,46 @@ class _RankStream(IterableDataset):
         self.train, self.transform, self.shuffle_buffer = train, transform, shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
-    def _raw(self, id_lo: int, id_hi: int):
-        """(jpeg bytes, label bytes, id, key, tar) for ids in [id_lo, id_hi), in id order."""
+    def _raw(self, pos_lo: int, pos_hi: int):
+        """(jpeg bytes, label bytes, id, key, tar) for positions [pos_lo, pos_hi) of the epoch's
+        tar order (`self.shards`), each tar read in id order."""
+        for k, id_lo, id_hi in segments(self.shards, pos_lo, pos_hi):
+            yield from self._read(self.shards[k], id_lo, id_hi)
+
+    def _read(self, shard, id_lo: int, id_hi: int):
+        """The samples with ids in [id_lo, id_hi) of one tar, in id order."""
         import webdataset as wds
 
-        last = -1
-        for shard in self.shards:
-            if shard.first_id >= id_hi or shard.first_id + shard.num_samples <= id_lo:
-                continue
-            url = str(shard.path)
-            ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=_identity,
-                                workersplitter=_identity, empty_check=False)
-            try:
-                for sample in ds:
-                    key = sample.get("__key__")
-                    missing = [e for e in REQUIRED_EXTS if e not in sample]
-                    if missing:   # a cut-off last sample: say the file is short, if it is
-                        problem = size_problem(shard)
-                        if problem:
-                            raise shard_size_error(shard, problem)
-                        raise sample_error(url, key, None, "lacks " + ", ".join(f".{e}" for e in missing))
-                    sid = int.from_bytes(sample["id"], "little", signed=True)
-                    if sid <= last:
-                        raise ShardDataError(f"{url}: sample {key!r} has id {sid} after {last}; shards must "
-                                             f"hold ids in written order (contracts.md); re-run mlic_dist.shard")
-                    last = sid
-                    if sid < id_lo:
-                        continue
-                    if sid >= id_hi:
-                        return
-                    yield sample["jpg"], sample["lbl"], sid, key, url
-            except (tarfile.TarError, OSError, EOFError) as e:   # webdataset re-raises tarfile's errors
-                raise shard_size_error(shard, size_problem(shard) or f"cannot be read ({e})") from None
-        if last + 1 < id_hi:   # the stream ended early: a tar cut at a sample boundary
-            for shard in self.shards:
-                problem = shard.first_id < id_hi and size_problem(shard)
-                if problem:
-                    raise shard_size_error(shard, problem)
-            raise ShardDataError(f"ids {max(last + 1, id_lo)}..{id_hi - 1} are in none of the shards listed "
-                                 f"in manifest.json; re-run mlic_dist.shard")
+        url, last = str(shard.path), shard.first_id - 1
+        ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=_identity, workersplitter=_identity,
+                            empty_check=False)
+        try:
+            for sample in ds:
+                key = sample.get("__key__")
+                missing = [e for e in REQUIRED_EXTS if e not in sample]
+                if missing:   # a cut-off last sample: say the file is short, if it is
+                    problem = size_problem(shard)
+                    if problem:
+                        raise shard_size_error(shard, problem)
+                    raise sample_error(url, key, None, "lacks " + ", ".join(f".{e}" for e in missing))
+                sid = int.from_bytes(sample["id"], "little", signed=True)
+                if sid <= last:
+                    raise ShardDataError(f"{url}: sample {key!r} has id {sid} after {last}; shards must "
+                                         f"hold ids in written order (contracts.md); re-run mlic_dist.shard")
+                last = sid
+                if sid < id_lo:
+                    continue
+                if sid >= id_hi:
+                    return
+                yield sample["jpg"], sample["lbl"], sid, key, url
+        except (tarfile.TarError, OSError, EOFError) as e:   # webdataset re-raises tarfile's errors
+            raise shard_size_error(shard, size_problem(shard) or f"cannot be read ({e})") from None
+        if last + 1 < id_hi:   # the tar ended early: cut at a sample boundary
+            problem = size_problem(shard)
+            if problem:
+                raise shard_size_error(shard, problem)
+            raise ShardDataError(f"ids {max(last + 1, id_lo)}..{id_hi - 1} are not in {url} as manifest.json "
+                                 f"says; re-run mlic_dist.shard")
 
     def _shuffled(self, items, rng: random.Random):
         buf = []
@@ -156,8 +157,9 @@ class _RankStream(IterableDataset):
                 try:
                     jpeg, lbl, sid, key, url = next(items)
                 except StopIteration:
-                    raise ShardDataError(f"ids {self.lo + p0}..{self.lo + min(p1, real) - 1} are not all in "
-                                         f"the shards listed in manifest.json; re-run mlic_dist.shard") from None
+                    raise ShardDataError(f"the samples at positions {self.lo + p0}..{self.lo + min(p1, real) - 1} "
+                                         f"are not all in the shards listed in manifest.json; re-run "
+                                         f"mlic_dist.shard") from None
                 if self.train and len(seen) < 8:
                     seen.append((jpeg, lbl, sid, key, url))
                 img = self._decode(jpeg, sid, key, url)
@@ -178,8 +180,8 @@ class _RankStream(IterableDataset):
         if images:
             yield self._collate(images, labels, ids)
 
-    def _one(self, sid: int):
-        return next(iter(self._raw(sid, sid + 1)))
+    def _one(self, pos: int):
+        return next(iter(self._raw(pos, pos + 1)))
 
     @staticmethod
     def _collate(images, labels, ids):
@@ -196,7 +198,7 @@ class TorchLoader(LoaderBase):
 
     def __iter__(self):
         lo, hi = self._epoch_range()
-        stream = _RankStream(self.info.shards, self.plan, lo, hi, self.train, self.transform,
+        stream = _RankStream(self._epoch_shards(), self.plan, lo, hi, self.train, self.transform,
                              max(1, self.cfg.shuffle_buffer), self.seed, self.epoch, self.rank)
         workers = min(self.num_workers, len(self))
         # Its own generator: DataLoader otherwise draws its base seed from the global torch RNG at
