@@ -9,6 +9,7 @@ value and the valid choices. `to_dict` / `flatten` give the plain and dotted for
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import fields
@@ -46,6 +47,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}={value!r} must be true or false")
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(f"{key}={value!r} must be an integer")
         try:
@@ -56,9 +59,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} must be a number") from None
+        if not math.isfinite(number):   # NaN compares false both ways: no range check would catch it
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads `no`/`yes` as booleans (mixed_precision: no)
             return "yes" if value else "no"
@@ -97,21 +103,37 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what, and where (line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"config file {str(path)!r} is not valid YAML{where}: {what}"
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Read a config file, merging the files its `base:` names first (relative to the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"config file {str(path)!r} is its own base (base: {chain}); remove the cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(_yaml_error(path, e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file {str(path)!r}: base: {bases!r} must be a file name or a list of file names")
     merged: dict = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_merge(merged, read_yaml(path.parent / b))
+    for b in bases:
+        merged = _deep_merge(merged, read_yaml(path.parent / b, (*_seen, path.resolve())))
     return _deep_merge(merged, data)
 
 

@@ -96,8 +96,15 @@ class DataConfig:
         lo, hi = self.cutout_scale
         if not 0 < lo <= hi < 1:
             raise ConfigError(f"data.cutout_scale={list(self.cutout_scale)} must satisfy 0 < min <= max < 1")
+        _check_positive("data.shuffle_buffer", self.shuffle_buffer)
         if self.val_split == self.test_split:
             raise ConfigError(f"data.val_split={self.val_split!r} equals data.test_split: model selection must not see test")
+        if self.val_split == self.train_split:
+            raise ConfigError(f"data.val_split={self.val_split!r} equals data.train_split: model selection, early "
+                              f"stopping and thresholds would be tuned on the training data; shard a validation "
+                              f"split (python -m mlic_dist.shard carves one out of train)")
+        if not self.train_split or not self.val_split:
+            raise ConfigError("data.train_split and data.val_split must name splits of the shards (e.g. train, val)")
 
     @property
     def eval_batch_size(self) -> int:
@@ -156,6 +163,10 @@ class OptimConfig:
         _check_positive("optim.head_lr", self.head_lr)
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.momentum!r} must be in [0, 1) (the paper: 0.9)")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must both be in [0, 1) (Adam's default: [0.9, 0.999])")
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,7 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.gamma={self.gamma!r} must be in (0, 1]")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"schedule.plateau_factor={self.plateau_factor!r} must be in (0, 1)")
+        _check_positive("schedule.plateau_patience", self.plateau_patience, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -295,6 +307,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _check_positive("seed", self.seed, allow_zero=True)
 
 
 # The one list of what keys mean, for a resume (mlic_dist/train/resume.py) and for ensemble grouping

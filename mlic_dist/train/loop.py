@@ -164,6 +164,13 @@ def build_run(cfg: Config) -> Run:
             if split not in manifest.splits:
                 raise UserError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
                                 f"{sorted(manifest.splits)}); re-shard with a validation split")
+        test = cfg.data.test_split
+        if cfg.train.eval_test and test and test not in manifest.splits:
+            if test != "test":   # a name the user typed: never skip it silently
+                raise UserError(f"data.test_split={test!r} is not a split of data.shards={cfg.data.shards!r} (it has "
+                                f"{sorted(manifest.splits)}); name one of them, or data.test_split='' for none")
+            if acc.is_main_process:
+                print(f"no test split in {cfg.data.shards}: the run scores validation only", flush=True)
         check_shared_dir(acc, Path(cfg.train.output_dir))   # before anything in it is read or written
         out = _prepare_output_dir(cfg)
         model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout)
