@@ -21,8 +21,12 @@ down in docs/contracts.md ("Run directory").
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -282,3 +286,69 @@ def load_run(path: str | Path, splits: Sequence[str] = SPLITS) -> RunDir:
     ensemble = _read_json(path / ENSEMBLE, "ensemble members") if (path / ENSEMBLE).is_file() else None
     tracking = _read_json(path / TRACKING, "tracking") if (path / TRACKING).is_file() else None
     return RunDir(path, classes, loaded, config, thresholds, result, history, ensemble, tracking)
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+LOCK = ".lock"
+
+
+class RunDirLocked(RunDirError):
+    """Another live process owns the run directory; the message names it (pid, host, start)."""
+
+
+class RunLock:
+    """Exclusive ownership of a run directory for a training's life: an `flock` on OUT/.lock held
+    by one process (rank 0), with the holder's pid, host and start time written in the file.
+    The kernel drops the lock when its process dies, also on kill -9: the next run takes the
+    directory over and says whose it was. A second live run is refused with one line naming the
+    holder. (On a shared filesystem the lock is the filesystem's: NFSv4 and Lustre pass it on.)"""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / LOCK
+        self._file = None
+        self.previous: Optional[dict] = None   # the holder of a lock left by a dead process
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _holder(f.read())
+            f.close()
+            raise RunDirLocked(f"{self.path.parent} is in use by another training ({describe_holder(holder)}); wait for "
+                               f"it, stop it, or give this run another train.output_dir") from None
+        f.seek(0)
+        self.previous = _holder(f.read()) or None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()   # an empty lock file: nobody to report as a previous holder
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _holder(text: str) -> dict:
+    try:
+        doc = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"

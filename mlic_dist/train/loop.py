@@ -48,7 +48,7 @@ from ..models import create_model
 from ..tracking import tracker as tracking
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim
-from .distributed import build_accelerator, check_ranks_in_sync, check_shared_dir, unwrap
+from .distributed import build_accelerator, check_ranks_in_sync, check_shared_dir, gather, unwrap
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -102,6 +102,7 @@ class Run:
     last_good_checkpoint: Optional[Path] = None
     ema: Optional[torch.nn.Module] = None   # AveragedModel (mlic_dist/train/ema.py) when train.ema_decay > 0
     loss_fn: Optional[Callable] = None      # losses.MultiLabelLoss; None = built from cfg.loss
+    lock: Optional[rundir.RunLock] = None   # rank 0's ownership of `out` for the run's life
 
     def __post_init__(self):
         if self.loss_fn is None:
@@ -113,6 +114,25 @@ class Run:
 
 
 # --------------------------------------------------------------------------- builders
+
+
+def _own_output_dir(acc, out: Path) -> rundir.RunLock:
+    """Rank 0 takes the run directory's lock (rundir.RunLock); every rank learns the outcome, so
+    a refusal is the same one line on every rank and none waits at a barrier."""
+    lock = rundir.RunLock(out)
+    error = None
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except rundir.RunDirLocked as e:
+            error = str(e)
+        if lock.previous:
+            warnings.warn(f"{out} was left by a training that is gone ({rundir.describe_holder(lock.previous)}); "
+                          f"taking it over (train.resume={'auto'} continues from its last checkpoint)")
+    error = gather(acc, error)[0]
+    if error:
+        raise UserError(error)
+    return lock
 
 
 def _prepare_output_dir(cfg: Config) -> Path:
@@ -172,6 +192,7 @@ def build_run(cfg: Config) -> Run:
             if acc.is_main_process:
                 print(f"no test split in {cfg.data.shards}: the run scores validation only", flush=True)
         check_shared_dir(acc, Path(cfg.train.output_dir))   # before anything in it is read or written
+        lock = _own_output_dir(acc, Path(cfg.train.output_dir))
         out = _prepare_output_dir(cfg)
         model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout)
         loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
@@ -181,8 +202,12 @@ def build_run(cfg: Config) -> Run:
         if cfg.train.eval_test and cfg.data.test_split and cfg.data.test_split in manifest.splits:
             test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, **loader_args)
     except UserError:
+        if "lock" in locals():
+            lock.release()
         raise
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if "lock" in locals():
+            lock.release()
         raise UserError(str(e)) from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
@@ -202,7 +227,7 @@ def build_run(cfg: Config) -> Run:
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
                tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards),
-               ema=ema)
+               ema=ema, lock=lock)
 
 
 # --------------------------------------------------------------------------- epoch loop
@@ -362,6 +387,16 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     `epoch_hook(record)` is called on every rank after each epoch (Ray Tune reporting uses it).
     """
     run = build_run(cfg)
+    try:
+        return fit(run, epoch_hook)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
+    """Resume, the epochs, the final scoring of a built run (`train` owns its directory's lock)."""
+    cfg = run.cfg
     try:
         resumed = maybe_resume(run)
     except UserError:
