@@ -47,3 +47,57 @@ def test_rng_round_trip():
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+DAMAGES = {
+    "truncated state.pt": lambda p: (p / "state.pt").write_bytes((p / "state.pt").read_bytes()[:100]),
+    "truncated rng-0.pt": lambda p: (p / "rng-0.pt").write_bytes((p / "rng-0.pt").read_bytes()[:-7]),
+    "garbage meta.json": lambda p: (p / "meta.json").write_bytes(b"\xff\xfe not json"),
+    "deleted state.pt": lambda p: (p / "state.pt").unlink(),
+    "deleted rng-0.pt": lambda p: (p / "rng-0.pt").unlink(),
+    "no files.json": lambda p: (p / "files.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_checkpoint_is_named_by_file_and_the_previous_whole_one_wins(tmp_path, kind):
+    _save(tmp_path, 1, 0)
+    newest = _save(tmp_path, 2, 0)
+    assert checkpoint.damage(newest) is None
+    DAMAGES[kind](newest)
+    path, damaged = checkpoint.latest_whole(tmp_path)
+    assert path.name == "e0001-s0000000"
+    assert [p for p, _ in damaged] == [newest]
+    file = kind.split()[-1]
+    assert file in damaged[0][1], damaged
+
+
+def test_no_whole_checkpoint_left(tmp_path):
+    for e in (1, 2):
+        DAMAGES["truncated state.pt"](_save(tmp_path, e, 0))
+    path, damaged = checkpoint.latest_whole(tmp_path)
+    assert path is None and len(damaged) == 2
+
+
+def test_training_resumes_from_the_previous_whole_checkpoint_or_stops_in_one_line(tmp_path, capsys):
+    from shard_fixtures import build_small_shards, tiny_run_overrides
+
+    from mlic_dist.train.__main__ import main
+
+    shards = build_small_shards(tmp_path / "data", n_train=16, n_val=6, n_test=0, num_classes=3, samples_per_shard=8)
+    out = tmp_path / "run"
+    args = tiny_run_overrides(shards, out, **{"tracking.enabled": False, "train.epochs": 2})
+    assert main(args) == 0
+    newest = checkpoint.latest(out)
+    assert newest.name == "e0002-s0000000"
+    DAMAGES["truncated state.pt"](newest)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*e0002-s0000000: state.pt is \d+ bytes .* Resuming "
+                                         r"from e0001-s0000000 instead"):
+        assert main([*args, "train.epochs=3"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    for p in checkpoint.list_checkpoints(out):
+        DAMAGES["deleted rng-0.pt"](p)
+    assert main([*args, "train.epochs=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "can be resumed" in err and "rng-0.pt is missing" in err and "train.resume=never" in err

@@ -5,15 +5,19 @@ optimizer steps done in it; `-s0000000` is an epoch boundary) holding
   state.pt        model, optimizer, scheduler, grad scaler, trainer state (rank 0 writes it)
   rng-{rank}.pt   each rank's Python / NumPy / torch RNG states
   meta.json       small facts readable without torch (e.g. the best epoch the state names)
+  files.json      written last: every file above with its size and sha256
 It is written under a temporary name and renamed when complete (a rename is atomic on POSIX),
-so a directory with the final name is always whole; a killed write leaves only a `.tmp-*`
-directory, which the next save removes. `latest()` returns the newest complete checkpoint.
+so a directory with the final name is whole when written; a killed write leaves only a `.tmp-*`
+directory, which the next save removes. A checkpoint damaged later (a truncated copy, a disk
+error, a deleted file) fails `damage()`, which names the file: `latest_whole()` skips it for the
+previous whole one, and resume says what is lost.
 
 Everything is stored as tensors, numbers, strings, lists and dicts, so loading with
 `weights_only=True` reads it: no pickled code runs when a checkpoint is loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -33,18 +37,64 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+FILES = "files.json"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint directories (whole or not), oldest first."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "state.pt").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
     return sorted(found, key=lambda p: tuple(int(x) for x in _NAME.match(p.name).groups()))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: str | Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed, naming the file; None when every file it was
+    written with is there with its size and digest."""
+    path = Path(path)
+    listing = path / FILES
+    try:
+        files = json.loads(listing.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{FILES} is missing (the checkpoint was never completed, or it was copied in part)"
+    except (OSError, ValueError):
+        return f"{FILES} cannot be read as JSON"
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} is {size} bytes but {want.get('bytes')} were written (truncated or overwritten)"
+        if _sha256(f) != want.get("sha256"):
+            return f"{name} does not match the digest it was written with (corrupt)"
+    if "state.pt" not in files:
+        return f"{FILES} lists no state.pt"
+    return None
+
+
+def latest_whole(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest whole checkpoint, and the damaged ones newer than it (path, why), newest first."""
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        why = damage(path)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    return None, damaged
+
+
 def latest(output_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+    return latest_whole(output_dir)[0]
 
 
 # --------------------------------------------------------------------------- RNG
@@ -107,7 +157,9 @@ def save(output_dir: str | Path, *, epoch: int, step: int, rank: int, world_size
         _atomic_torch_save(payload, tmp / "state.pt")
         write_text(tmp / "meta.json", json.dumps(meta or {}))
     barrier()
-    if rank == 0:
+    if rank == 0:   # last: a checkpoint is whole when every file matches this listing
+        listing = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        write_text(tmp / FILES, json.dumps(listing, indent=1))
         publish_dir(tmp, final)   # replaces a re-run of the same step (resume after a crash)
         _prune(output_dir, keep, protect + (final,))
     barrier()

@@ -151,9 +151,12 @@ def maybe_resume(run) -> Resumed | None:
     mode = run.cfg.train.resume
     if mode == "never":
         return None
-    path = checkpoint.latest(run.out) if mode == "auto" else Path(mode)
+    path = _whole_checkpoint(run) if mode == "auto" else Path(mode)
     if path is None:
         return None
+    if mode != "auto" and checkpoint.damage(path):
+        raise UserError(f"train.resume={mode}: {path} cannot be resumed: {checkpoint.damage(path)}; resume from "
+                        f"another checkpoint, or train.resume=auto for the newest whole one")
     acc = run.accelerator
     state, rng = checkpoint.load(path, acc.process_index)
     old_cfg = state.get("config") or {}
@@ -170,7 +173,7 @@ def maybe_resume(run) -> Resumed | None:
         epoch = int(state["trainer"]["epoch"])
         boundary = path.parent / f"e{epoch:04d}-s{0:07d}"
         info.restarted_epoch = True
-        if boundary.is_dir():
+        if boundary.is_dir() and not checkpoint.damage(boundary):
             warnings.warn(f"{path} is mid-epoch {epoch} and {why}: the batches already seen cannot be "
                           f"skipped exactly, so epoch {epoch} restarts from its start ({boundary})")
             state, rng = checkpoint.load(boundary, acc.process_index)
@@ -214,6 +217,21 @@ def maybe_resume(run) -> Resumed | None:
         print(f"resumed from {path} (epoch {run.state.epoch}, step {run.state.step_in_epoch}){extra}",
               flush=True)
     return info
+
+
+def _whole_checkpoint(run) -> Path | None:
+    """The newest whole checkpoint of the run; every damaged newer one is named in a warning (on
+    rank 0) with what its loss costs. No whole one among several: one line, exit 2."""
+    path, damaged = checkpoint.latest_whole(run.out)
+    if damaged and path is None:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise UserError(f"no checkpoint in {checkpoint.checkpoint_dir(run.out)} can be resumed ({listed}); restore "
+                        f"the files, or train.resume=never to start over")
+    if run.is_main:
+        for p, why in damaged:
+            warnings.warn(f"skipping checkpoint {p}: {why}. Resuming from {path.name} instead: the training "
+                          f"between the two is done again")
+    return path
 
 
 def _find_best_weights(run, path: Path) -> None:
