@@ -55,7 +55,7 @@ DAMAGES = {
     "garbage meta.json": lambda p: (p / "meta.json").write_bytes(b"\xff\xfe not json"),
     "deleted state.pt": lambda p: (p / "state.pt").unlink(),
     "deleted rng-0.pt": lambda p: (p / "rng-0.pt").unlink(),
-    "no files.json": lambda p: (p / "files.json").unlink(),
+    "no files.json and a truncated state.pt": lambda p: ((p / "files.json").unlink(), DAMAGES["truncated state.pt"](p)),
 }
 
 

@@ -61,11 +61,13 @@ def damage(path: str | Path) -> str | None:
     """Why checkpoint `path` cannot be resumed, naming the file; None when every file it was
     written with is there with its size and digest."""
     path = Path(path)
+    if not path.is_dir():
+        return "no such checkpoint directory"
     listing = path / FILES
     try:
         files = json.loads(listing.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"{FILES} is missing (the checkpoint was never completed, or it was copied in part)"
+        return _legacy_damage(path)
     except (OSError, ValueError):
         return f"{FILES} cannot be read as JSON"
     for name, want in sorted(files.items()):
@@ -79,6 +81,29 @@ def damage(path: str | Path) -> str | None:
             return f"{name} does not match the digest it was written with (corrupt)"
     if "state.pt" not in files:
         return f"{FILES} lists no state.pt"
+    return None
+
+
+def _legacy_damage(path: Path) -> str | None:
+    """A checkpoint written before files.json existed (earlier releases) is whole when its
+    files load: state.pt, the RNG file of every rank it names, meta.json."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return "state.pt is missing"
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError ...
+        return f"state.pt cannot be loaded ({type(e).__name__}: {str(e)[:120]})"
+    for rank in range(int(state.get("world_size", 1))):
+        try:
+            torch.load(path / f"rng-{rank}.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return f"rng-{rank}.pt is missing"
+        except Exception as e:  # noqa: BLE001
+            return f"rng-{rank}.pt cannot be loaded ({type(e).__name__})"
+    try:
+        json.loads((path / "meta.json").read_text(encoding="utf-8")) if (path / "meta.json").exists() else None
+    except (OSError, ValueError):
+        return "meta.json cannot be read as JSON"
     return None
 
 

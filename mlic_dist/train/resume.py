@@ -16,6 +16,7 @@ classes are config.py's RESUME_FREE / RESUME_REPLAY):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -57,7 +58,16 @@ def config_changes(old: dict, new: dict) -> dict:
         except ConfigError:   # a key that no longer exists: compare what is there
             return cfg
 
-    a, b = flatten(normal(old)), flatten(normal(new))
+    def same_rule(flat: dict) -> dict:
+        # a run that started under lr_scaling=ask trained at the recipe's rates, as `none` does
+        # (ask refuses the runs where the two would differ); earlier releases wrote `none`
+        if flat.get("optim.lr_scaling") == "ask":
+            flat["optim.lr_scaling"] = "none"
+        if flat.get("optim.lr_scaling") == "none":   # then the declared batch changes no number
+            flat.pop("optim.base_batch_size", None)
+        return flat
+
+    a, b = same_rule(flatten(normal(old))), same_rule(flatten(normal(new)))
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -155,8 +165,8 @@ def maybe_resume(run) -> Resumed | None:
     if path is None:
         return None
     if mode != "auto" and checkpoint.damage(path):
-        raise UserError(f"train.resume={mode}: {path} cannot be resumed: {checkpoint.damage(path)}; resume from "
-                        f"another checkpoint, or train.resume=auto for the newest whole one")
+        raise UserError(f"train.resume={mode}: {path} is not a complete checkpoint ({checkpoint.damage(path)}); "
+                        f"resume from another one, or train.resume=auto for the newest whole one")
     acc = run.accelerator
     state, rng = checkpoint.load(path, acc.process_index)
     old_cfg = state.get("config") or {}
@@ -198,7 +208,8 @@ def maybe_resume(run) -> Resumed | None:
     elif ema is not None:
         warnings.warn(f"{path} holds no weight EMA (train.ema_decay was 0 when it was written): the EMA "
                       f"starts from the resumed weights")
-    run.state = type(run.state)(**state["trainer"])
+    known = {f.name for f in dataclasses.fields(run.state)}   # a field an earlier release wrote is dropped
+    run.state = type(run.state)(**{k: v for k, v in state["trainer"].items() if k in known})
     _find_best_weights(run, path)
     if run.is_main and path.parent == checkpoint.checkpoint_dir(run.out):
         checkpoint.remove_after(run.out, path)   # the abandoned trajectory must not win next time
