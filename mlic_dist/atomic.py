@@ -1,8 +1,8 @@
 """Writing outputs: check a destination before the work, replace it atomically after.
 
 One rule for every file this package replaces (run directories, checkpoints, reports, exports,
-sweep state): the new content goes to a temporary sibling `.NAME.tmp-PID[SUFFIX]` in the same
-directory (same filesystem, so the rename is atomic; the pid keeps two writers' temporaries
+sweep state): the new content goes to a temporary sibling `.NAME.tmp-PID-RANDOM[SUFFIX]` in the same
+directory (same filesystem, so the rename is atomic; pid and random part keep two writers' temporaries
 apart; the suffix keeps writers that pick a format by extension working), is flushed and fsynced,
 then `os.replace`d over the target, and the directory is fsynced; on any failure the temporary
 is removed and the target is untouched. A reader therefore sees the old file or the new one,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,7 +37,9 @@ from .errors import UserError
 
 
 def _tmp_sibling(path: Path, keep_suffix: bool = True) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}" + (path.suffix if keep_suffix else ""))
+    # pid + random: writers in two containers (both pid 1) or on two hosts sharing a mount differ too
+    unique = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return path.with_name(f".{path.name}.tmp-{unique}" + (path.suffix if keep_suffix else ""))
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -49,8 +52,11 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)   # fsync needs no write access on Linux
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -87,8 +93,7 @@ def replace_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path, keep_suffix=False)
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
         yield tmp

@@ -48,8 +48,10 @@ def load_classes(path: Path) -> list[str]:
         raise EvaluateError(f"classes file {path} does not exist")
     try:
         names = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvaluateError(f"classes file {path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise EvaluateError(f"classes file {path} cannot be read: {err.strerror or err}") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise EvaluateError(f"classes file {path} must hold a JSON list of class names (strings)")
     return names

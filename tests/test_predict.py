@@ -171,9 +171,12 @@ def test_png_gray_palette_cmyk_and_exif_rotated_inputs_convert_like_the_shards(t
                             ("palette.png", "palette_as_rgb.png"), ("cmyk.tif", "cmyk_as_rgb.png")):
         np.testing.assert_allclose(s[name], s[reference], atol=1e-6, err_msg=name)
     assert np.abs(s["gray.png"] - s["rgb.png"]).max() > 1e-4          # the conversions did change the input
-    # the shard writer's own conversion of the rotated file gives the same pixels predict uses
+    # the shard writer converts with the very rule predict decodes with (mlic_dist/images.py)
     from mlic_dist.data.transforms import load_rgb
     from mlic_dist.images import to_rgb
+    from mlic_dist.shard import writer
+
+    assert writer.to_rgb is to_rgb
 
     shard_view = np.asarray(to_rgb(Image.open(tmp_path / "rotated.png")))
     assert torch.equal(load_rgb((tmp_path / "rotated.png").read_bytes()).permute(1, 2, 0),

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .. import metrics
-from ..config import is_model_key  # the one list of model-defining keys (config.py)
+from ..config import is_model_key  # the one list of model-defining keys (config/schema.py)
 from ..resources import usable_cores
 
 VARY = {"scale": "data.size", "distr": "data.augment"}

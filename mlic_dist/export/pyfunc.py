@@ -47,7 +47,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd  # the predict type hint (MLflow validates DataFrame input against the signature)
 import PIL
+import sklearn
 import torch
+import yaml
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -166,7 +168,8 @@ def log_model(module, meta: dict, run_dir: Path, tracking_uri: Optional[str] = N
                 code_paths=[str(package)], signature=_signature(),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"pillow=={PIL.__version__}",
                                   f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                                  f"mlflow=={mlflow.__version__}"],
+                                  f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
+                                  f"pyyaml=={yaml.__version__}"],   # the package imports them (metrics, rundir)
                 metadata={"mlic_dist": meta}, registered_model_name=register)
         if run.info.status != "FINISHED":
             client.set_terminated(run_id, run.info.status)

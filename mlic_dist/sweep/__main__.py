@@ -1,6 +1,6 @@
 """Run a grid of training runs (sizes x augmentations x backbones x seeds ...) on Ray Tune, each
-trial a Ray Train job of `mlic_dist.train.train(cfg)`;
-`python launch/sweep.py` and `python -m mlic_dist.sweep` are the same command, then ensembles and a report, all in MLflow.
+trial a Ray Train job of `mlic_dist.train.train(cfg)`, then ensembles and a report, all in MLflow.
+`python launch/sweep.py` and `python -m mlic_dist.sweep` are the same command.
 
 This machine (starts Ray here; CPU-only works, 1 worker per trial):
     python launch/sweep.py --config configs/sweeps/demo.yaml

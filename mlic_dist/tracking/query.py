@@ -1,7 +1,7 @@
 """Reading MLflow: which runs an experiment holds, their params and tags, and where their run
 directories are.
 
-    from mlic_dist import mlflow_query as mq
+    from mlic_dist.tracking import query as mq
     client = mq.connect("http://127.0.0.1:5000")          # or sqlite:///mlflow.db, None = default
     runs = mq.finished_runs(client, "mlic", parent_run_id=None)   # single-model runs, FINISHED
     runs[0].run_dir, runs[0].params["data.size"], runs[0].kind    # Path, "448", "single"

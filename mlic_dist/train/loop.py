@@ -494,6 +494,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
         # fp32 (autocast off): the scores predict / export / serving reproduce, thresholds tuned on them
         probs, loss = predict_split(run, loader, len(labels), desc=f"score {name}", fp32=True)
+        if not np.isfinite(probs).all():   # a failed run (exit 1), not bad input
+            raise _diverged(run, run.state.epoch, 0, f"the best weights' {name} scores are not finite")
         if name == "val":
             thresholds = metrics.tune_thresholds(probs, labels)
         report = metrics.evaluate(probs, labels, classes=run.classes, thresholds=thresholds)

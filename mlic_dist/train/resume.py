@@ -1,7 +1,7 @@
 """Saving a training run's state, and resuming it without silently changing what it means.
 
 A resume compares the command's config with the one the checkpoint was written with (the key
-classes are config.py's RESUME_FREE / RESUME_REPLAY):
+classes are mlic_dist/config/schema.py's RESUME_FREE / RESUME_REPLAY):
   - FREE keys (how long, how often, where to log, performance knobs) may change; the change is
     recorded (resumes.jsonl, MLflow tags).
   - REPLAY keys (which loader, its workers, its shuffle buffer) and the number of processes may
