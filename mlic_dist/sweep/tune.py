@@ -184,10 +184,13 @@ def make_tuner(ctx: TrialContext, callbacks: list, resume: bool):
     return tune.Tuner(
         trainable,
         param_space={k: tune.grid_search(v) for k, v in ctx.spec.grid.items()},
-        # reuse_actors: the next trial's driver reuses a finished one's process (no new Python
-        # process importing torch per trial: the gap between trials shrinks).
+        # No actor reuse: in Ray 2.60 a trial ASHA stops is cached for reuse while its
+        # trainer.fit() still waits on the Train controller (nothing in Train V2 reacts to a Tune
+        # stop), so the next trial's reset_config fails ("Could not re-use actor") and that trial
+        # errors. Without reuse Tune kills the driver, the controller and workers die with it, and
+        # PlacementGroupReleaser frees their placement group. Each trial pays one new process.
         tune_config=tune.TuneConfig(max_concurrent_trials=ctx.plan.max_concurrent, scheduler=scheduler,
-                                    reuse_actors=True,
+                                    reuse_actors=False,
                                     trial_name_creator=TrialNamer(list(ctx.spec.grid)),
                                     trial_dirname_creator=TrialNamer(list(ctx.spec.grid))),
         run_config=tune.RunConfig(
