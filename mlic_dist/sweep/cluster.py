@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -111,8 +112,11 @@ def connect(address: Optional[str]) -> None:
 
 
 def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
-    """Trial placement from the cluster's resources: GPUs // GPUs per trial trials at once (on a
-    CPU-only cluster, CPUs // CPUs per trial), capped by sweep.max_concurrent and the trial count."""
+    """Trial placement from the cluster's resources: as many trials at once as both the GPUs
+    (GPUs // GPUs per trial) and the CPUs (CPUs // CPUs per trial) allow, capped by
+    sweep.max_concurrent and the trial count. Every worker is one DDP process driving one device
+    (`cuda:LOCAL_RANK`), so a worker takes one GPU, or a fraction of one when it is the trial's
+    only worker (small trials packed onto a GPU); anything else is refused."""
     s = spec.settings
     total_gpus = int(resources.get("GPU", 0))
     total_cpus = float(resources.get("CPU", 0))
@@ -120,17 +124,30 @@ def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
     if gpus and not total_gpus:
         raise SweepError(f"sweep.gpus_per_worker={gpus:g} but the Ray cluster has no GPUs; use "
                          f"--gpus-per-worker 0 to train on CPUs")
+    if gpus > 1:
+        raise SweepError(f"sweep.gpus_per_worker={gpus:g}: each worker is one DDP process that drives one GPU "
+                         f"(cuda:LOCAL_RANK), so the other GPUs would sit idle or be driven twice; use "
+                         f"--gpus-per-worker 1 --workers-per-trial {max(1, math.ceil(gpus)) * s.workers_per_trial}")
+    if 0 < gpus < 1 and s.workers_per_trial > 1:
+        raise SweepError(f"sweep.gpus_per_worker={gpus:g} with {s.workers_per_trial} workers per trial: Ray may put "
+                         f"two workers of one trial on the same GPU, which NCCL refuses (and LOCAL_RANK would "
+                         f"name a GPU the worker does not have); use --gpus-per-worker 1, or fractions with "
+                         f"--workers-per-trial 1")
     driver = {"CPU": 0, DRIVER_RESOURCE: 1} if resources.get(DRIVER_RESOURCE) else {"CPU": 1}
     per_trial_cpus = s.workers_per_trial * s.cpus_per_worker + driver["CPU"]
+    cpu_fit = int(total_cpus // per_trial_cpus)
+    fit = cpu_fit
+    if cpu_fit < 1:
+        raise SweepError(f"one trial needs {per_trial_cpus:g} CPUs ({s.workers_per_trial} workers x "
+                         f"{s.cpus_per_worker:g}{' + its driver' if driver['CPU'] else ''}) but the Ray cluster has "
+                         f"{total_cpus:g} CPUs; lower --workers-per-trial or --cpus-per-worker")
     if gpus:
-        fit = int(total_gpus // (s.workers_per_trial * gpus))
-        need, have = f"{s.workers_per_trial * gpus:g} GPUs", f"{total_gpus} GPUs"
-    else:
-        fit = int(total_cpus // per_trial_cpus)
-        need, have = f"{per_trial_cpus:g} CPUs", f"{total_cpus:g} CPUs"
-    if fit < 1:
-        raise SweepError(f"one trial needs {need} ({s.workers_per_trial} workers) but the Ray cluster has "
-                         f"{have}; lower --workers-per-trial (or --cpus-per-worker / --gpus-per-worker)")
+        gpu_fit = int(total_gpus // (s.workers_per_trial * gpus))
+        if gpu_fit < 1:
+            raise SweepError(f"one trial needs {s.workers_per_trial * gpus:g} GPUs ({s.workers_per_trial} workers) "
+                             f"but the Ray cluster has {total_gpus} GPUs; lower --workers-per-trial (or "
+                             f"--gpus-per-worker)")
+        fit = min(gpu_fit, cpu_fit)
     k = min(s.max_concurrent or fit, n_trials)
     return Plan(s.workers_per_trial, s.cpus_per_worker, gpus, driver, k, dict(resources))
 
