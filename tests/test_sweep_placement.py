@@ -1,7 +1,7 @@
 """What a sweep does on GPU nodes and clusters, tested on simulated ones (tests/ray_cluster.py):
 the trial plan with GPUs (concurrency, fractional GPUs refused where DDP cannot use them), each
 trial's workers on devices of their own with LOCAL_RANK inside them, loader threads sized from
-the CPUs Ray reserved."""
+the CPUs Ray reserved, and the pre-flight check of every node's pretrained weight files."""
 import time
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import pytest
 
 from mlic_dist.sweep.spec import SweepError, load_sweep
 from ray_cluster import Probe, simulated_cluster
+from shard_fixtures import build_small_shards
 from test_sweep import write_sweep
 
 RAY_TIMEOUT_S = 300   # a plan that cannot place its trials makes Tune wait forever: fail instead
@@ -127,3 +128,58 @@ def test_co_located_workers_size_their_threads_from_the_cpus_ray_reserved(tmp_pa
     assert len(records) == 2 and {r["peers"] for r in records} == {2}, "the 2 trials did not run at once"
     assert len({r["node"] for r in records}) == 1 and all(r["assigned"] == {"CPU": 1.0} for r in records)
     assert sum(r["threads"] for r in records) <= 2, records
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(RAY_TIMEOUT_S)
+def test_preflight_names_every_node_missing_a_weight_file_before_any_trial(tmp_path):
+    """Per-node TORCH_HOME: node A has both backbones' ImageNet files, node B only one, the head
+    (drivers only, no CPU for a worker) none. One error, one line for B's missing file and the
+    fix; no trial started."""
+    import ray
+    from torchvision.models import get_model_weights
+
+    from mlic_dist.models import hub_checkpoint_path
+    from mlic_dist.sweep.run import run_sweep
+
+    shards = build_small_shards(tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    files = {b: Path(hub_checkpoint_path(get_model_weights(b).DEFAULT)).name for b in ("resnet18", "mobilenet_v2")}
+    homes = {}
+    for node, backbones in (("head", ()), ("a", ("resnet18", "mobilenet_v2")), ("b", ("resnet18",))):
+        homes[node] = tmp_path / f"torch-{node}"
+        (homes[node] / "hub" / "checkpoints").mkdir(parents=True)
+        for b in backbones:   # the check looks for the file only: an empty one stands for it
+            (homes[node] / "hub" / "checkpoints" / files[b]).touch()
+    spec = _spec(tmp_path, {"model.backbone": ["resnet18", "mobilenet_v2"]}, shards=shards)
+    spec = load_sweep(spec.source, ["model.pretrained=imagenet"])
+    nodes = [{"num_cpus": 0, "env_vars": {"TORCH_HOME": str(homes["head"])}},
+             {"num_cpus": 1, "env_vars": {"TORCH_HOME": str(homes["a"])}},
+             {"num_cpus": 1, "env_vars": {"TORCH_HOME": str(homes["b"])}}]
+    with simulated_cluster(nodes) as cluster:
+        with pytest.raises(SweepError) as e:
+            run_sweep(spec, address=cluster.address)
+        assert not ray.is_initialized()
+    lines = str(e.value).splitlines()
+    missing = str(homes["b"] / "hub" / "checkpoints" / files["mobilenet_v2"])
+    assert len(lines) == 3 and lines[0].startswith("pre-flight: 1 problem(s)"), lines
+    assert missing in lines[1] and "model.backbone=mobilenet_v2" in lines[1]
+    assert lines[2].startswith("fix: ") and "python -m mlic_dist.models" in lines[2] and "TORCH_HOME" in lines[2]
+    assert not any((spec.root_dir / t.name).exists() for t in spec.trials())
+
+
+def test_a_local_sweep_checks_the_weight_files_here_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    from mlic_dist.sweep.run import run_sweep
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    shards = build_small_shards(tmp_path / "data", n_train=8, n_val=4, n_test=4)
+    spec = _spec(tmp_path, {"model.backbone": ["resnet18", "mobilenet_v2"]}, shards=shards)
+    spec = load_sweep(spec.source, ["model.pretrained=imagenet"])
+    with pytest.raises(SweepError) as e:
+        run_sweep(spec)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4 and "2 pretrained weight file(s) missing" in lines[0] and lines[3].startswith("fix: ")
+    assert [ln.split("model.backbone=")[1].split()[0] for ln in lines[1:3]] == ["mobilenet_v2", "resnet18"]
+    assert all(str(tmp_path / "empty-torch-home" / "hub" / "checkpoints") in ln for ln in lines[1:3])
+    assert not ray.is_initialized() and not spec.root_dir.exists()
