@@ -127,6 +127,8 @@ def test_co_located_workers_size_their_threads_from_the_cpus_ray_reserved(tmp_pa
     records = probe.records()
     assert len(records) == 2 and {r["peers"] for r in records} == {2}, "the 2 trials did not run at once"
     assert len({r["node"] for r in records}) == 1 and all(r["assigned"] == {"CPU": 1.0} for r in records)
+    assert all(r["threads"] is not None for r in records), \
+        "MLIC_CPUS_PER_PROCESS unset: each trial's trainer would take the machine's cores / LOCAL_WORLD_SIZE (1)"
     assert sum(r["threads"] for r in records) <= 2, records
 
 
