@@ -6,6 +6,9 @@ Ray 2.60 (Train V2): `Tuner(run_trial)` runs one driver per grid point; the driv
 GPU) and RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, so `Accelerator()` inside `train()` sees
 the G workers as one DDP job. The epoch hook reports each epoch with `ray.train.report`; the
 trainer's `TuneReportCallback` forwards rank 0's metrics to Tune (ASHA, the progress view).
+Before `train()`, each worker (`worker_entry`) checks that LOCAL_RANK names a GPU Ray gave it
+and tells the trainer how many CPUs it may use ($MLIC_CPUS_PER_PROCESS: those Ray reserved).
+A trial ASHA stops is killed with its workers (no actor reuse: see make_tuner).
 
 Faults: `ray.train.FailureConfig(max_failures)` restarts a trial's worker group when a worker
 dies; `train()` then resumes from the newest checkpoint in the trial's output directory
