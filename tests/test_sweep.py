@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mlic_dist.sweep.spec import SweepError, load_sweep
-from processes import group
+from processes import Descendants, group
 from shard_fixtures import build_small_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +285,65 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
                       and r.info.status == "FINISHED" and r.info.run_name in {t.name for t in spec.trials()})
     assert finished == sorted(t.name for t in spec.trials())
     assert f"#/experiments/{parent.info.experiment_id}/runs" in out  # the UI hint opens the runs page
+
+
+# --------------------------------------------------------------------------- ASHA, more trials than slots
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)   # the fault this guards against stalled the sweep, it did not fail it
+def test_asha_with_more_trials_than_slots_stops_some_and_errors_none(shards, tmp_path):
+    """8 learning rates (1e-6 .. 0.1, backbone and head) on 2 slots with ASHA (grace 1 epoch,
+    reduction factor 2): every trial ends finished or stopped, none errors, the stopped ones'
+    MLflow runs are closed KILLED and never enter an ensemble, the sweep exits 0 and none of its
+    processes (Ray's workers, its mlflow server) outlives it."""
+    import io
+
+    from mlic_dist.sweep.run import run_sweep
+
+    # the likely best first: ASHA promotes the first trials to reach a rung, so weak late ones stop
+    lrs = [0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(tmp_path / "asha.yaml", shards, tmp_path / "runs",
+                       {"optim": [{"name": f"{lr:g}", "optim.lr": lr, "optim.head_lr": lr} for lr in lrs]},
+                       tracking_uri=uri, ensembles=("greedy",), max_concurrent=2, asha=True, grace_period=1,
+                       reduction_factor=2, report=False)
+    spec = load_sweep(path, ["train.epochs=3"])
+    out = io.StringIO()
+    t0 = time.time()
+    with Descendants() as procs:
+        rc = run_sweep(spec, out=out)
+    text = out.getvalue()
+    survivors = procs.survivors(grace_s=30)
+    print(f"asha sweep: {time.time() - t0:.0f} s, {len(procs.seen)} processes")
+    assert rc == 0, text[-4000:]
+    assert not survivors, f"processes of the sweep outlived it: {survivors}"
+    rows = dict(re.findall(r"^\| (optim=[^ |]+) \| ([a-z ]+?) \|", text, re.M))
+    assert sorted(rows) == sorted(t.name for t in spec.trials()), text[-4000:]
+    assert set(rows.values()) <= {"finished", "stopped early"}, rows
+    stopped = {n for n, s in rows.items() if s == "stopped early"}
+    finished = {n for n, s in rows.items() if s == "finished"}
+    assert stopped and finished, rows
+    assert "failed:" not in text and "Could not re-use actor" not in text
+    for t in spec.trials():   # a stopped trial is stopped, not run on to the end
+        assert (t.output_dir / "metrics.json").is_file() == (t.name in finished)
+    client, runs = client_runs(uri, "asha")
+    (parent,) = [r for r in runs if r.info.run_name == spec.name]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_failed"] == 0
+    assert parent.data.metrics["trials_stopped_early"] == len(stopped)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.info.run_name in rows]
+    assert not [r.info.run_name for r in children if r.info.status == "RUNNING"]
+    assert {r.info.run_name for r in children if r.info.status == "FINISHED"} == finished
+    assert all(r.info.status == "KILLED" for r in children if r.info.run_name in stopped)
+    finished_ids = {r.info.run_id for r in children if r.info.status == "FINISHED"}
+    ensembles = [r for r in runs if r.data.tags.get("mlic.kind") == "ensemble"]
+    if len(finished) >= 2:
+        assert ensembles, text[-3000:]
+    else:   # the stopped trials are not counted as members either
+        assert f"ensembles skipped: {len(finished)} finished trial(s)" in text, text[-3000:]
+    for r in ensembles:   # finished trials only, never a stopped one
+        assert set(r.data.tags["mlic.members"].split(",")) <= finished_ids
 
 
 # --------------------------------------------------------------------------- bad input

@@ -7,8 +7,10 @@ single-node loopback mode, its default on macOS and Windows; `ray.init(_node_ip_
 "127.0.0.1")` does not do it, ray.init swaps a loopback address for the routable one, and then
 the GCS, the raylet, the workers and the runtime-env agent listen on every interface). With `--address auto|HOST:PORT` it joins a cluster started by `ray start`;
 there the shards and SWEEP.root must be on storage every node mounts at the same path. What can
-be checked is checked before any trial starts: one tiny task per node reads each shard manifest
-and writes a probe file under SWEEP.root that this machine must then see.
+be checked is checked before any trial starts: one tiny task per node writes a probe file under
+SWEEP.root that this machine must then see and, on nodes that can host a worker, reads each
+shard manifest and looks for the pretrained weight files of every backbone in the grid (in
+that node's TORCH_HOME); every problem of every node is reported at once.
 
 To keep drivers off preemptible GPU nodes (Ray Train's advice), start a safe node with
 `ray start --resources='{"trial_driver": 64}'`; drivers then run there and use no CPU.
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .spec import SweepError, SweepSpec
+from ..models import missing_pretrained
+from .spec import SweepError, SweepSpec, pretrained_needed
 
 DRIVER_RESOURCE = "trial_driver"
 CODE_ROOT = Path(__file__).resolve().parents[2]   # the checkout that holds this mlic_dist
@@ -111,8 +115,11 @@ def connect(address: Optional[str]) -> None:
 
 
 def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
-    """Trial placement from the cluster's resources: GPUs // GPUs per trial trials at once (on a
-    CPU-only cluster, CPUs // CPUs per trial), capped by sweep.max_concurrent and the trial count."""
+    """Trial placement from the cluster's resources: as many trials at once as both the GPUs
+    (GPUs // GPUs per trial) and the CPUs (CPUs // CPUs per trial) allow, capped by
+    sweep.max_concurrent and the trial count. Every worker is one DDP process driving one device
+    (`cuda:LOCAL_RANK`), so a worker takes one GPU, or a fraction of one when it is the trial's
+    only worker (small trials packed onto a GPU); anything else is refused."""
     s = spec.settings
     total_gpus = int(resources.get("GPU", 0))
     total_cpus = float(resources.get("CPU", 0))
@@ -120,49 +127,76 @@ def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
     if gpus and not total_gpus:
         raise SweepError(f"sweep.gpus_per_worker={gpus:g} but the Ray cluster has no GPUs; use "
                          f"--gpus-per-worker 0 to train on CPUs")
+    if gpus > 1:
+        raise SweepError(f"sweep.gpus_per_worker={gpus:g}: each worker is one DDP process that drives one GPU "
+                         f"(cuda:LOCAL_RANK), so the other GPUs would sit idle or be driven twice; use "
+                         f"--gpus-per-worker 1 --workers-per-trial {max(1, math.ceil(gpus)) * s.workers_per_trial}")
+    if 0 < gpus < 1 and s.workers_per_trial > 1:
+        raise SweepError(f"sweep.gpus_per_worker={gpus:g} with {s.workers_per_trial} workers per trial: Ray may put "
+                         f"two workers of one trial on the same GPU, which NCCL refuses (and LOCAL_RANK would "
+                         f"name a GPU the worker does not have); use --gpus-per-worker 1, or fractions with "
+                         f"--workers-per-trial 1")
     driver = {"CPU": 0, DRIVER_RESOURCE: 1} if resources.get(DRIVER_RESOURCE) else {"CPU": 1}
     per_trial_cpus = s.workers_per_trial * s.cpus_per_worker + driver["CPU"]
+    cpu_fit = int(total_cpus // per_trial_cpus)
+    fit = cpu_fit
+    if cpu_fit < 1:
+        raise SweepError(f"one trial needs {per_trial_cpus:g} CPUs ({s.workers_per_trial} workers x "
+                         f"{s.cpus_per_worker:g}{' + its driver' if driver['CPU'] else ''}) but the Ray cluster has "
+                         f"{total_cpus:g} CPUs; lower --workers-per-trial or --cpus-per-worker")
     if gpus:
-        fit = int(total_gpus // (s.workers_per_trial * gpus))
-        need, have = f"{s.workers_per_trial * gpus:g} GPUs", f"{total_gpus} GPUs"
-    else:
-        fit = int(total_cpus // per_trial_cpus)
-        need, have = f"{per_trial_cpus:g} CPUs", f"{total_cpus:g} CPUs"
-    if fit < 1:
-        raise SweepError(f"one trial needs {need} ({s.workers_per_trial} workers) but the Ray cluster has "
-                         f"{have}; lower --workers-per-trial (or --cpus-per-worker / --gpus-per-worker)")
+        gpu_fit = int(total_gpus // (s.workers_per_trial * gpus))
+        if gpu_fit < 1:
+            raise SweepError(f"one trial needs {s.workers_per_trial * gpus:g} GPUs ({s.workers_per_trial} workers) "
+                             f"but the Ray cluster has {total_gpus} GPUs; lower --workers-per-trial (or "
+                             f"--gpus-per-worker)")
+        fit = min(gpu_fit, cpu_fit)
     k = min(s.max_concurrent or fit, n_trials)
     return Plan(s.workers_per_trial, s.cpus_per_worker, gpus, driver, k, dict(resources))
 
 
-def _probe(shards_dirs: list[str], probe_dir: str, token: str) -> dict:
-    """Runs once on every node: which shard manifests it cannot read, and a probe file written
-    under SWEEP.root that the sweep's machine must see (else that storage is not shared)."""
+def _probe(shards_dirs: list[str], weights: list[tuple[str, str]], probe_dir: str, token: str) -> dict:
+    """Runs once on every node: which shard manifests and pretrained weight files it cannot
+    read (computed here: TORCH_HOME and mounts differ per node), and a probe file written under
+    SWEEP.root that the sweep's machine must see (else that storage is not shared)."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
     missing = [d for d in shards_dirs if not (Path(d) / "manifest.json").is_file()]
+    no_weights = [(b, p, f) for b, p in weights for f in missing_pretrained(b, p)]
     error = ""
     try:
         Path(probe_dir).mkdir(parents=True, exist_ok=True)
         (Path(probe_dir) / f"{node}.{token}").write_text(socket.gethostname())
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
-    return {"node": node, "host": socket.gethostname(), "missing": missing, "error": error}
+    return {"node": node, "host": socket.gethostname(), "missing": missing, "weights": no_weights, "error": error}
 
 
-def check_nodes(spec: SweepSpec, shards_dirs: list[str]) -> int:
-    """On a cluster: every alive node reads the shards and writes where this machine reads.
-    Returns the number of nodes checked; raises SweepError naming the node and the fix."""
+def hosts_workers(node: dict, plan: Plan) -> bool:
+    """Whether a node of `ray.nodes()` can run one of the plan's workers (a driver-only node does
+    not need the shards or the weights)."""
+    have = node.get("Resources", {})
+    return all(have.get(k, 0) >= v for k, v in plan.worker_resources.items())
+
+
+def check_nodes(spec: SweepSpec, shards_dirs: list[str], plan: Plan) -> int:
+    """On a cluster, before any trial starts: every alive node writes where this machine reads,
+    and every node that can host a worker reads the shards and has the pretrained weights of
+    every backbone in the grid. Returns the number of nodes checked; raises one SweepError with
+    one line per node and missing thing, and the fixes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe_dir = spec.root_dir / ".nodes"
     token = os.urandom(4).hex()
+    weights = pretrained_needed(spec)
     task = ray.remote(num_cpus=0, max_retries=0)(_probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    workers = {n["NodeID"] for n in nodes if hosts_workers(n, plan)}
     refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(shards_dirs, str(probe_dir), token) for n in nodes]
+            .remote(shards_dirs if n["NodeID"] in workers else [], weights if n["NodeID"] in workers else [],
+                    str(probe_dir), token) for n in nodes]
     try:
         reports = ray.get(refs, timeout=120)
     except ray.exceptions.RayTaskError as e:
@@ -170,19 +204,34 @@ def check_nodes(spec: SweepSpec, shards_dirs: list[str]) -> int:
                          f"mlic_dist on every node (pip install -e .) or put the checkout on shared storage") from None
     except ray.exceptions.GetTimeoutError:
         raise SweepError("the storage check did not finish on every node in 120 s; is the cluster busy?") from None
+    problems, fixes = [], []
     try:
         for r in reports:
             where = f"node {r['host']} ({r['node'][:8]})"
-            if r["missing"]:
-                raise SweepError(f"{where} cannot read {r['missing'][0]}/manifest.json: the shards must be on storage "
-                                 f"every node mounts at the same absolute path (set data.shards to it)")
+            for d in r["missing"]:
+                problems.append(f"{where} cannot read {d}/manifest.json")
+                _add(fixes, "the shards must be on storage every node mounts at the same absolute path (set "
+                            "data.shards to it)")
+            for backbone, pretrained, path in r["weights"]:
+                problems.append(f"{where} lacks {path} (model.backbone={backbone} model.pretrained={pretrained})")
+                _add(fixes, "copy each weight file to that path on that node (`python -m mlic_dist.models` on the "
+                            "node lists the files and their URLs), put TORCH_HOME on shared storage, or pass "
+                            "model.pretrained=PATH on shared storage")
             if r["error"]:
-                raise SweepError(f"{where} cannot write under {spec.root_dir} ({r['error']}): sweep.root must be "
-                                 f"shared storage every node can write")
-            if not (probe_dir / f"{r['node']}.{token}").is_file():
-                raise SweepError(f"{where} wrote under {spec.root_dir} but this machine does not see it: "
-                                 f"sweep.root must be on storage every node mounts at the same path (NFS, ...)")
+                problems.append(f"{where} cannot write under {spec.root_dir} ({r['error']})")
+                _add(fixes, "sweep.root must be shared storage every node can write")
+            elif not (probe_dir / f"{r['node']}.{token}").is_file():
+                problems.append(f"{where} wrote under {spec.root_dir} but this machine does not see it")
+                _add(fixes, "sweep.root must be on storage every node mounts at the same path (NFS, ...)")
     finally:
         for p in probe_dir.glob(f"*.{token}"):
             p.unlink(missing_ok=True)
+    if problems:
+        raise SweepError(f"pre-flight: {len(problems)} problem(s) on the cluster's nodes, nothing started:\n  "
+                         + "\n  ".join(problems) + "\nfix: " + "; ".join(fixes))
     return len(reports)
+
+
+def _add(items: list, item: str) -> None:
+    if item not in items:
+        items.append(item)

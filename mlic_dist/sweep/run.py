@@ -2,13 +2,15 @@
 report and the MLflow UI hint. `launch/sweep.py` parses the command line and calls it.
 
 Order (nothing starts before the input is known good):
-  1. the shards of every trial exist (SweepError otherwise), --dry-run prints the trials here;
+  1. the shards of every trial exist and (without --address) the pretrained weight files are
+     here (SweepError otherwise), --dry-run prints the trials here;
   2. SWEEP.root/NAME/sweep.json: a new sweep must not exist yet, a --resume must match it;
   3. tracking: a local store (tracking.uri null or sqlite:///...) gets an `mlflow server` on
      127.0.0.1 for the sweep's duration, so trials never write one SQLite file from many
      processes; on a cluster (--address) the user gives a server every node reaches;
   4. Ray (started here, or joined), the trial plan from its resources, on a cluster the storage
-     check on every node; the parent MLflow run (the grid, the sweep file, its status);
+     and weights check on every node (all problems in one error); the parent MLflow run (the
+     grid, the sweep file, its status);
   5. Tuner.fit() (or Tuner.restore(...).fit() with --resume) with the progress view;
   6. trial runs settled (left-over RUNNING runs closed as KILLED), ensembles of the finished
      trials (`mlic_dist.ensemble.build.build_ensembles`) and the report (`mlic_dist.report`), nested
@@ -33,7 +35,7 @@ from ..tracking.store import default_uri
 from ..tracking.tracker import Tracker
 from .cluster import check_nodes, connect, plan
 from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
-from .spec import SweepError, SweepSpec, check_shards, describe_resources, dump
+from .spec import SweepError, SweepSpec, check_shards, check_weights, describe_resources, dump
 from .state import check_state, stop_stale_server, write_state
 from .tune import TrialContext, make_releaser, make_tuner
 
@@ -60,10 +62,14 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
         _print_dry_run(spec, trials, out)
         try:
             check_shards(spec)
+            if address is None:
+                check_weights(spec)
         except SweepError as e:
             print(f"warning: a real run would stop here: {e}", file=out)
         return 0
     shards = check_shards(spec)
+    if address is None:   # the trials run here; on a cluster every node is probed (check_nodes)
+        check_weights(spec)
     state = check_state(spec, resume)
     base = config_from_dict(spec.base)
     configured = base.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -98,8 +104,9 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
                                                             "uri": server.uri})
         the_plan = plan(spec, len(trials), ray.cluster_resources())
         if address is not None:
-            n = check_nodes(spec, shards)
-            print(f"storage: {n} node(s) read the shards and share {spec.root_dir}", file=out)
+            n = check_nodes(spec, shards, the_plan)
+            print(f"pre-flight: {n} node(s) share {spec.root_dir}; the ones that host workers read the shards and "
+                  f"have the weights", file=out)
         return _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, out, list(callbacks),
                     timings)
 

@@ -36,7 +36,7 @@ import yaml
 from ..config import Config, ConfigError, apply_overrides, build, config_from_dict, flatten, read_yaml, to_dict
 from ..data import read_manifest
 from ..errors import UserError
-from ..models import list_models
+from ..models import list_models, missing_pretrained
 
 ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
 # Keys the sweep sets for every trial itself: gridding over them would break tracking or resume.
@@ -404,6 +404,24 @@ def check_shards(spec: SweepSpec) -> list[str]:
             raise SweepError(f"{spec._where()}: trial {t.name}: {e}") from None
         seen[d.shards] = t.name
     return list(seen)
+
+
+def pretrained_needed(spec: SweepSpec) -> list[tuple[str, str]]:
+    """The distinct (model.backbone, model.pretrained) of the trials that load weights."""
+    pairs = {(t.cfg.model.backbone, t.cfg.model.pretrained) for t in spec.trials()}
+    return sorted(p for p in pairs if p[1] != "none")
+
+
+def check_weights(spec: SweepSpec) -> None:
+    """This machine has every pretrained weight file the grid needs (a sweep without --address
+    trains here); one SweepError listing each missing file and the fix."""
+    lines = [f"{path} (model.backbone={b} model.pretrained={p})"
+             for b, p in pretrained_needed(spec) for path in missing_pretrained(b, p)]
+    if lines:
+        raise SweepError(f"{spec._where()}: pre-flight: {len(lines)} pretrained weight file(s) missing, nothing "
+                         f"started:\n  " + "\n  ".join(lines) + "\nfix: copy each file there "
+                         f"(`python -m mlic_dist.models` lists the files and their URLs, see docs/weights.md), set "
+                         f"TORCH_HOME to where they are, or use model.pretrained=none")
 
 
 def describe_resources(spec: SweepSpec, gpus_per_worker: Optional[float]) -> str:

@@ -6,6 +6,9 @@ Ray 2.60 (Train V2): `Tuner(run_trial)` runs one driver per grid point; the driv
 GPU) and RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, so `Accelerator()` inside `train()` sees
 the G workers as one DDP job. The epoch hook reports each epoch with `ray.train.report`; the
 trainer's `TuneReportCallback` forwards rank 0's metrics to Tune (ASHA, the progress view).
+Before `train()`, each worker (`worker_entry`) checks that LOCAL_RANK names a GPU Ray gave it
+and tells the trainer how many CPUs it may use ($MLIC_CPUS_PER_PROCESS: those Ray reserved).
+A trial ASHA stops is killed with its workers (no actor reuse: see make_tuner).
 
 Faults: `ray.train.FailureConfig(max_failures)` restarts a trial's worker group when a worker
 dies; `train()` then resumes from the newest checkpoint in the trial's output directory
@@ -15,78 +18,30 @@ in .../_train, so `Tuner.restore` (`--resume`) finds a killed sweep and resumes 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..config import config_from_dict, to_dict
 from ..train.loop import train
 from .cluster import Plan
-from .spec import SweepSpec, trial_name
+from .spec import SweepError, SweepSpec, trial_name
 
 TRIAL_LOG = "train.log"          # rank 0's output, in the trial's output directory
 TUNE_DIR, TRAIN_DIR = "_tune", "_train"
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial driver needs besides its grid point (sent once through the object store)."""
-    spec: SweepSpec
-    plan: Plan
-    tracking_uri: str
-    parent_run_id: Optional[str]
-
-
-class TrialNamer:
-    """Tune names each trial after its grid point (the progress view and Tune's folders use it)."""
-
-    def __init__(self, keys: list[str]):
-        self.keys = list(keys)
-
-    def __call__(self, trial) -> str:
-        return trial_name(self.keys, {k: trial.config[k] for k in self.keys})
-
-
-def trial_config(ctx: TrialContext, point: dict) -> dict:
-    """The trial's full training config as a plain dict: base + grid point + output dir + tracking."""
-
-    cfg = to_dict(ctx.spec.trial(point).cfg)
-    cfg["tracking"].update(uri=ctx.tracking_uri, parent_run_id=ctx.parent_run_id)
-    return cfg
-
-
-def run_trial(config: dict, ctx: TrialContext) -> None:
-    """One Tune trial: a Ray Train run of `train_worker` on `ctx.plan.workers` workers."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    point = {k: config[k] for k in ctx.spec.grid}
-    name = ctx.spec.trial_name(point)
-    plan = ctx.plan
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": trial_config(ctx, point)},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                               resources_per_worker=plan.worker_resources),
-        run_config=ray.train.RunConfig(
-            # The same (storage_path, name) on a retry or --resume: Train restores its own state.
-            name=name, storage_path=str(ctx.spec.root_dir / TRAIN_DIR),
-            failure_config=ray.train.FailureConfig(max_failures=ctx.spec.settings.max_failures),
-            callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
+CPUS_ENV = "MLIC_CPUS_PER_PROCESS"   # the CPUs Ray reserved for this worker (resources.py reads it)
 
 
 def train_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: `train(cfg)` with an epoch hook that reports to Tune.
-    Rank 0 appends its output to OUTPUT_DIR/train.log, starting with a line naming its pid."""
+    """What every Ray Train worker runs after the sweep's setup (`worker_entry`): `train(cfg)`
+    with an epoch hook that reports to Tune. Rank 0 appends its output to OUTPUT_DIR/train.log,
+    starting with a line naming its pid."""
     import ray
     import ray.train
-
 
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -119,6 +74,97 @@ def train_worker(loop_config: dict) -> None:
             train(cfg, epoch_hook=report)
         finally:
             print(f"[sweep] train() ended after {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial driver needs besides its grid point (sent once through the object store)."""
+    spec: SweepSpec
+    plan: Plan
+    tracking_uri: str
+    parent_run_id: Optional[str]
+    worker: Callable[[dict], None] = train_worker
+    """What each Ray Train worker runs after `worker_entry`'s setup (tests inject a probe)."""
+    backend: Optional[str] = None
+    """torch.distributed backend; None = Ray Train's (NCCL with GPUs, gloo without). Tests on
+    logical GPUs (a CPU machine) pass gloo: NCCL needs real ones."""
+
+
+class TrialNamer:
+    """Tune names each trial after its grid point (the progress view and Tune's folders use it)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = list(keys)
+
+    def __call__(self, trial) -> str:
+        return trial_name(self.keys, {k: trial.config[k] for k in self.keys})
+
+
+def trial_config(ctx: TrialContext, point: dict) -> dict:
+    """The trial's full training config as a plain dict: base + grid point + output dir + tracking."""
+
+    cfg = to_dict(ctx.spec.trial(point).cfg)
+    cfg["tracking"].update(uri=ctx.tracking_uri, parent_run_id=ctx.parent_run_id)
+    return cfg
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """One Tune trial: a Ray Train run of `train_worker` on `ctx.plan.workers` workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    point = {k: config[k] for k in ctx.spec.grid}
+    name = ctx.spec.trial_name(point)
+    plan = ctx.plan
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={"config": trial_config(ctx, point), "worker": ctx.worker},
+        torch_config=TorchConfig(backend=ctx.backend) if ctx.backend else None,
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=plan.worker_resources),
+        run_config=ray.train.RunConfig(
+            # The same (storage_path, name) on a retry or --resume: Train restores its own state.
+            name=name, storage_path=str(ctx.spec.root_dir / TRAIN_DIR),
+            failure_config=ray.train.FailureConfig(max_failures=ctx.spec.settings.max_failures),
+            callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def worker_entry(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: sizes its threads from what Ray reserved for it, checks
+    that its device is its own, then runs `loop_config["worker"]` (train_worker)."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    # The cores this worker may use are what Ray reserved for it, not the machine's cores shared
+    # among this trial's processes on the node: co-located trials would oversubscribe the node.
+    os.environ[CPUS_ENV] = str(cpus_for_threads(assigned))
+    if assigned.get("GPU"):
+        check_local_device(int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                           [str(g) for g in ray.get_gpu_ids()])
+    loop_config["worker"](loop_config)
+
+
+def cpus_for_threads(assigned: dict) -> int:
+    """Threads for a worker Ray assigned `assigned` ({"CPU": 0.5, "GPU": 1.0}): its whole CPUs, at
+    least 1 (Ray sets OMP_NUM_THREADS the same way)."""
+    return max(1, math.floor(assigned.get("CPU", 1)))
+
+
+def check_local_device(local_rank: int, visible_devices: str, own_gpus: list[str]) -> None:
+    """Accelerate (and DALI's device_id) use cuda:LOCAL_RANK, an index into CUDA_VISIBLE_DEVICES
+    (Ray Train sets it to the sorted union of the GPUs of the trial's workers on this node): that
+    device must be one Ray assigned to this worker, else two ranks share a GPU or one drives
+    another's. SweepError naming the values otherwise."""
+    visible = [d.strip() for d in visible_devices.split(",") if d.strip()]
+    if local_rank < len(visible) and visible[local_rank] in own_gpus:
+        return
+    device = visible[local_rank] if local_rank < len(visible) else "none"
+    raise SweepError(f"worker LOCAL_RANK={local_rank} would drive visible device {local_rank} (GPU {device}) but "
+                     f"Ray assigned it GPU(s) {own_gpus} (CUDA_VISIBLE_DEVICES={visible_devices!r}); each worker "
+                     f"needs one whole GPU of its own: use --gpus-per-worker 1")
 
 
 def make_releaser():
@@ -184,10 +230,13 @@ def make_tuner(ctx: TrialContext, callbacks: list, resume: bool):
     return tune.Tuner(
         trainable,
         param_space={k: tune.grid_search(v) for k, v in ctx.spec.grid.items()},
-        # reuse_actors: the next trial's driver reuses a finished one's process (no new Python
-        # process importing torch per trial: the gap between trials shrinks).
+        # No actor reuse: in Ray 2.60 a trial ASHA stops is cached for reuse while its
+        # trainer.fit() still waits on the Train controller (nothing in Train V2 reacts to a Tune
+        # stop), so the next trial's reset_config fails ("Could not re-use actor") and that trial
+        # errors. Without reuse Tune kills the driver, the controller and workers die with it, and
+        # PlacementGroupReleaser frees their placement group. Each trial pays one new process.
         tune_config=tune.TuneConfig(max_concurrent_trials=ctx.plan.max_concurrent, scheduler=scheduler,
-                                    reuse_actors=True,
+                                    reuse_actors=False,
                                     trial_name_creator=TrialNamer(list(ctx.spec.grid)),
                                     trial_dirname_creator=TrialNamer(list(ctx.spec.grid))),
         run_config=tune.RunConfig(
