@@ -665,3 +665,23 @@ def test_the_ui_hint_names_an_mlflow_the_user_can_run(tmp_path, monkeypatch):
     assert hint.endswith("http://127.0.0.1:5000/#/experiments/7/runs")
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")       # an activated environment
     assert results.ui_hint(None, "sqlite:////d.db", None, "u", "7").startswith("MLflow UI: mlflow ui ")
+
+
+def test_a_grid_of_two_worker_trials_chooses_its_learning_rate_rule_before_anything_starts(shards, tmp_path):
+    """The global-batch policy (tests/test_scale.py) for a sweep: 2 workers per trial double the
+    batch of a recipe that declares 16; the sweep is refused at load, naming the trial, until
+    optim.lr_scaling is chosen."""
+    from mlic_dist.sweep.spec import SweepError, load_sweep
+
+    path = write_sweep(tmp_path / "batch.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]})
+    doc = yaml.safe_load(path.read_text())
+    doc["data"]["batch_size_per_gpu"] = 16
+    doc["optim"] = {"base_batch_size": 16, "lr_scaling": "ask"}
+    path.write_text(yaml.safe_dump(doc))
+    assert len(load_sweep(path).trials()) == 2                        # 1 worker: the recipe's own batch
+    with pytest.raises(SweepError, match=r"trial size=32 with 2 worker\(s\): global batch 32 .*optim.lr_scaling=linear"):
+        load_sweep(path, ["sweep.workers_per_trial=2"])
+    spec = load_sweep(path, ["sweep.workers_per_trial=2", "optim.lr_scaling=linear"])
+    from mlic_dist.train import optim
+
+    assert optim.lr_rule(spec.trials()[0].cfg, 2)["factor"] == 2.0

@@ -6,7 +6,7 @@ This machine (starts Ray here; CPU-only works, 1 worker per trial):
     python launch/sweep.py --config configs/sweeps/demo.yaml
     python launch/sweep.py --config configs/sweeps/demo.yaml --dry-run        # the trials, nothing run
 One machine with 8 GPUs, 2 GPUs per trial (4 trials at once):
-    python launch/sweep.py --config configs/sweeps/voc2007.yaml --workers-per-trial 2
+    python launch/sweep.py --config configs/sweeps/voc2007.yaml --workers-per-trial 2 optim.lr_scaling=linear
 A cluster (`ray start --head` here, `ray start --address HEAD:6379` on the other nodes):
     mlflow server --backend-store-uri sqlite:////shared/mlflow.db \
         --artifacts-destination /shared/mlartifacts --host 0.0.0.0 --port 5000 &

@@ -37,6 +37,7 @@ from ..config import Config, ConfigError, apply_overrides, build, config_from_di
 from ..data import read_manifest
 from ..errors import UserError
 from ..models import list_models, missing_pretrained
+from ..train.optim import check_batch_policy
 
 ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
 # Keys the sweep sets for every trial itself: gridding over them would break tracking or resume.
@@ -287,6 +288,7 @@ def build_spec(base: dict, grid, ensembles, settings: dict, source: Optional[str
         raise SweepError(f"{where}: two grid points share the trial name {dup!r} (their values differ only in "
                          f"characters a directory name cannot hold); make the values distinct")
     _check_models(where, trials)
+    _check_batches(where, trials, settings_obj.workers_per_trial)
     return spec
 
 
@@ -370,6 +372,17 @@ def _absolute_paths(base: dict, grid: dict) -> tuple[dict, dict]:
         out[key] = [{k: absolute(k, x) for k, x in v.items()} if isinstance(v, dict) else absolute(key, v)
                     for v in values]
     return _with(base, fixes), out
+
+
+def _check_batches(where: str, trials: list[Trial], workers_per_trial: int) -> None:
+    """Each trial's global batch against its recipe's (train.optim.check_batch_policy), before
+    anything starts: a trial of 2 workers would otherwise stop in its first second, every trial."""
+    for t in trials:
+        try:
+            check_batch_policy(t.cfg, workers_per_trial)
+        except ConfigError as e:
+            raise SweepError(f"{where}: trial {t.name} with {workers_per_trial} worker(s): {e} (as sweep-file "
+                             f"overrides)") from None
 
 
 def _check_models(where: str, trials: list[Trial]) -> None:
