@@ -21,6 +21,7 @@ down in docs/contracts.md ("Run directory").
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -299,11 +300,13 @@ class RunDirLocked(RunDirError):
 
 
 class RunLock:
-    """Exclusive ownership of a run directory for a training's life: an `flock` on OUT/.lock held
-    by one process (rank 0), with the holder's pid, host and start time written in the file.
-    The kernel drops the lock when its process dies, also on kill -9: the next run takes the
-    directory over and says whose it was. A second live run is refused with one line naming the
-    holder. (On a shared filesystem the lock is the filesystem's: NFSv4 and Lustre pass it on.)"""
+    """Exclusive ownership of a run directory for a training's life: a POSIX record lock
+    (`lockf`) on OUT/.lock held by one process (rank 0), with the holder's pid, host and start
+    time written in the file. The lock belongs to that process alone (forked DataLoader workers
+    do not hold it, as they would an `flock`), and the kernel drops it when the process dies,
+    also on kill -9: the next run takes the directory over and says whose it was. A second live
+    run is refused with one line naming the holder. POSIX locks also reach other nodes through
+    NFS (lockd / NFSv4) and Lustre. Within one process a second acquire does not conflict."""
 
     def __init__(self, out: str | Path):
         self.path = Path(out) / LOCK
@@ -314,8 +317,10 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             f.seek(0)
             holder = _holder(f.read())
             f.close()
@@ -335,7 +340,7 @@ class RunLock:
         if self._file is not None:
             self._file.seek(0)
             self._file.truncate()   # an empty lock file: nobody to report as a previous holder
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
 

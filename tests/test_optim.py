@@ -13,16 +13,17 @@ def cfg(**kw):
 
 def test_linear_scaling_follows_the_global_batch():
     c = cfg(**{"optim.lr": 0.01, "optim.head_lr": 0.1, "data.batch_size_per_gpu": 16,
-               "optim.lr_scaling": "linear", "train.grad_accum_steps": 2})
+               "optim.lr_scaling": "linear", "optim.base_batch_size": 16, "train.grad_accum_steps": 2})
     assert optim.global_batch_size(c, 8) == 256
     assert optim.group_lrs(c, 8) == pytest.approx({"backbone": 0.16, "head": 1.6})
-    none = cfg(**{"data.batch_size_per_gpu": 16})
+    none = cfg(**{"data.batch_size_per_gpu": 16, "optim.base_batch_size": 16, "optim.lr_scaling": "none"})
     assert optim.group_lrs(none, 8) == pytest.approx({"backbone": 0.01, "head": 0.1})
     assert "not scaled" in optim.describe_batch(none, 8) and "global batch 128" in optim.describe_batch(none, 8)
 
 
 def test_optimizer_groups_get_the_scaled_rates():
-    c = cfg(**{"optim.lr_scaling": "linear", "data.batch_size_per_gpu": 4})  # 4 x 2 procs = 8 = half of 16
+    c = cfg(**{"optim.lr_scaling": "linear", "optim.base_batch_size": 16,
+               "data.batch_size_per_gpu": 4})  # 4 x 2 procs = 8 = half of 16
     opt = optim.build_optimizer(c, create_model("tiny_cnn", 3), num_processes=2)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
 
