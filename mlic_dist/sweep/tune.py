@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import config_from_dict, to_dict
+from ..resources import ASSIGNED_CPUS_ENV
 from ..train.loop import train
 from .cluster import Plan
 from .spec import SweepError, SweepSpec, trial_name
 
 TRIAL_LOG = "train.log"          # rank 0's output, in the trial's output directory
 TUNE_DIR, TRAIN_DIR = "_tune", "_train"
-CPUS_ENV = "MLIC_CPUS_PER_PROCESS"   # the CPUs Ray reserved for this worker (resources.py reads it)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -140,7 +140,7 @@ def worker_entry(loop_config: dict) -> None:
     assigned = ray.get_runtime_context().get_assigned_resources()
     # The cores this worker may use are what Ray reserved for it, not the machine's cores shared
     # among this trial's processes on the node: co-located trials would oversubscribe the node.
-    os.environ[CPUS_ENV] = str(cpus_for_threads(assigned))
+    os.environ[ASSIGNED_CPUS_ENV] = str(cpus_for_threads(assigned))   # resources.cores_per_process reads it
     if assigned.get("GPU"):
         check_local_device(int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                            [str(g) for g in ray.get_gpu_ids()])
