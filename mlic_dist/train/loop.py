@@ -128,7 +128,7 @@ def _own_output_dir(acc, out: Path) -> rundir.RunLock:
             error = str(e)
         if lock.previous:
             warnings.warn(f"{out} was left by a training that is gone ({rundir.describe_holder(lock.previous)}); "
-                          f"taking it over (train.resume={'auto'} continues from its last checkpoint)")
+                          f"taking it over (train.resume=auto continues from its last checkpoint)")
     error = gather(acc, error)[0]
     if error:
         raise UserError(error)
