@@ -7,13 +7,17 @@ the store unreachable) or it ran with tracking off.
 Params come from config.yaml, per-epoch metrics from history.jsonl, final metrics from
 metrics.json, the files (and best_model.pt) as artifacts. The run named by tracking.json is
 re-opened when it still exists in that store, and only what it lacks is added (no duplicate
-epochs or final metrics); otherwise a new run is created. CPU only; no GPU involved.
+epochs or final metrics) and it is ended (a live run whose tracking gave up stays RUNNING in
+MLflow until then); otherwise a new run is created, with every tag and dataset input the live run
+got (tracking.json records them). Either way it is tagged `mlic.relogged` (and
+`mlic.tracking_gave_up` with the reason the live tracking stopped). CPU only; no GPU involved.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from . import rundir
@@ -41,7 +45,14 @@ def relog(run_dir: str | Path, uri: str | None = None, experiment: str | None = 
         tcfg["experiment"] = experiment
     tracker = Tracker(TrackingConfig(**tcfg), run.path, retry_s=2.0)
     previous = recorded.get("run_id")
-    run_id = tracker.start(flatten(run.config or {}), resume_run_id=previous, wait_s=60)
+    # every tag and dataset input the live run got (or would have got: tracking.json keeps them),
+    # and what happened to its live tracking
+    tags = dict(recorded.get("tags") or {})
+    tags["mlic.relogged"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if recorded.get("gave_up"):
+        tags["mlic.tracking_gave_up"] = recorded["gave_up"]
+    run_id = tracker.start(flatten(run.config or {}), resume_run_id=previous, tags=tags,
+                           inputs=recorded.get("inputs") or [], wait_s=60)
     if run_id is None:
         raise RunFailure(f"MLflow at {tracker.uri} did not answer: nothing was logged")
     have: dict = {}

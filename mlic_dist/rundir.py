@@ -13,7 +13,8 @@ files, so `evaluate`, `report`, `predict` and `export` treat both alike:
     RUN/metrics.json         {"val": evaluate(...), "test": ..., run facts}
     RUN/best_model.pt        best validation weights, a plain state dict (ensembles: absent)
     RUN/ensemble.json        ensembles only: {"kind", "members": [{"run_dir", "run_id", "weight"}], ...}
-    RUN/tracking.json        {"tracking_uri", "experiment", "run_id"}: where MLflow has this run
+    RUN/tracking.json        {"tracking_uri", "experiment", "run_id", "tags", "inputs", "complete"}:
+                             where MLflow has this run, what it was given, whether all arrived
 
 Every writer replaces its file atomically (a temporary file, then `os.replace`), so a reader
 never sees half a file and a killed writer leaves the previous version. The layout is written
@@ -130,13 +131,19 @@ def write_metrics(out: str | Path, result: dict) -> Path:
     return write_json(out, METRICS, result)
 
 
-def write_tracking(out: str | Path, tracking_uri: str, experiment: str, run_id: str) -> Path:
+def write_tracking(out: str | Path, tracking_uri: Optional[str], experiment: Optional[str],
+                   run_id: Optional[str], **record) -> Path:
+    """tracking.json: where MLflow has this run (`run_id` null until MLflow answered), plus what
+    the tracker gave or meant to give it (`tags`, `inputs`), and `complete` (true once MLflow took
+    everything, false when the tracker gave up, with `gave_up` saying why) -- so that `relog`
+    completes the run a live run would have been."""
     return write_json(out, TRACKING, {"tracking_uri": tracking_uri, "experiment": experiment,
-                                      "run_id": run_id})
+                                      "run_id": run_id, **record})
 
 
 def load_tracking(out: str | Path) -> Optional[dict]:
-    """tracking.json ({"tracking_uri", "experiment", "run_id"}) or None."""
+    """tracking.json ({"tracking_uri", "experiment", "run_id", "tags", "inputs", "complete",
+    "gave_up"}; all but the first three optional) or None."""
     path = Path(out) / TRACKING
     if not path.is_file():
         return None

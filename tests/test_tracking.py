@@ -267,6 +267,74 @@ def test_a_run_whose_tracking_failed_is_relogged_from_its_directory(shards, tmp_
     assert not (elsewhere / "mlflow.db").exists()
 
 
+def test_a_run_whose_server_died_mid_run_is_completed_by_relog_not_duplicated(shards, tmp_path):
+    """Fault injection (issue 19): the server stopped after the first epoch left the MLflow run
+    RUNNING forever, and relog made a twin without the run's mlic.* tags and dataset input."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.tracking.server import MlflowServer, free_port
+    from mlic_dist.train.loop import train
+
+    store, port, out = f"sqlite:///{tmp_path / 'mlflow.db'}", free_port(), tmp_path / "run"
+    server = MlflowServer(store, tmp_path / "artifacts", port=port).start()
+    try:
+        def stop_after_first_epoch(record):
+            if record["epoch"] == 0:
+                deadline = time.time() + 60   # the run exists in MLflow before its server goes
+                while not (json.loads((out / "tracking.json").read_text()).get("run_id")
+                           if (out / "tracking.json").is_file() else None):
+                    assert time.time() < deadline
+                    time.sleep(0.2)
+                server.stop()
+
+        with pytest.warns(UserWarning, match="relog"):
+            train(load_config(None, train_overrides(shards, out, server.uri)), epoch_hook=stop_after_first_epoch)
+        recorded = json.loads((out / "tracking.json").read_text())
+        assert recorded["complete"] is False and "unreachable" in recorded["gave_up"]
+        client = MlflowClient(store)
+        run_id = recorded["run_id"]
+        assert client.get_run(run_id).info.status == "RUNNING"          # what the fault left
+        live_tags = recorded["tags"]
+        assert {"mlic.world_size", "mlic.data.manifest_sha256", "mlic.effective_lr"} <= set(live_tags)
+
+        server = MlflowServer(store, tmp_path / "artifacts", port=port).start()   # it answers again
+        assert relog(out) == run_id                                     # that run, completed
+        (only,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+        assert only.info.run_id == run_id and only.info.status == "FINISHED"
+        assert {k: only.data.tags.get(k) for k in live_tags} == live_tags
+        assert "unreachable" in only.data.tags["mlic.tracking_gave_up"] and "mlic.relogged" in only.data.tags
+        assert len(only.inputs.dataset_inputs) == 1
+        assert [m.step for m in client.get_metric_history(run_id, "val_mAP")] == [0, 1]
+        after = json.loads((out / "tracking.json").read_text())
+        assert after["complete"] is True and "gave_up" not in after
+    finally:
+        server.stop()
+
+
+def test_a_run_mlflow_never_saw_is_relogged_with_every_tag_and_input_of_a_live_run(shards, tmp_path, free_port):
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.train.loop import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train(load_config(None, train_overrides(shards, tmp_path / "live", uri, **{"train.epochs": 1})))
+    with pytest.warns(UserWarning, match="relog"):
+        train(load_config(None, train_overrides(shards, tmp_path / "lost", f"http://127.0.0.1:{free_port}",
+                                                **{"train.epochs": 1})))
+    assert json.loads((tmp_path / "lost" / "tracking.json").read_text())["run_id"] is None
+    relogged_id = relog(tmp_path / "lost", uri)
+    client = MlflowClient(uri)
+    live = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
+                if r.info.run_id != relogged_id)
+    relogged = client.get_run(relogged_id)
+    per_run = {"mlflow.runName", "run_dir", "mlic.relogged", "mlic.tracking_gave_up"}
+    assert {k: v for k, v in relogged.data.tags.items() if k not in per_run} == \
+        {k: v for k, v in live.data.tags.items() if k not in per_run}
+    assert "never created" in relogged.data.tags["mlic.tracking_gave_up"]
+    assert [(d.dataset.name, d.dataset.digest) for d in relogged.inputs.dataset_inputs] == \
+        [(d.dataset.name, d.dataset.digest) for d in live.inputs.dataset_inputs] != []
+
+
 def test_runs_say_what_code_and_data_made_them(shards, tmp_path):
     """MLflow conventions: the git commit, the shards' manifest digest (tag and dataset input),
     the best weights as an artifact."""

@@ -43,6 +43,4 @@ def log_derived(out: Path, *, uri: Optional[str], experiment: str, run_name: str
         tracker.log_metrics(metrics, step=0)
     tracker.log_artifacts(list(artifacts))
     tracker.finish("FINISHED")   # returns once MLflow has everything (or gave up, with a warning)
-    if tracker.run_id:           # known once the start reached MLflow
-        rundir.write_tracking(out, uri, experiment, tracker.run_id)
-    return tracker.run_id
+    return tracker.run_id        # the Tracker recorded it in tracking.json

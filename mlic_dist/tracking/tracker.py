@@ -16,7 +16,10 @@ no tracking call runs on the training loop's critical path:
     at all turns tracking off with a warning).
   - The run directory always holds everything (history.jsonl, metrics.json, scores); a run whose
     tracking failed is re-logged later with `python -m mlic_dist.relog RUN_DIR` (relog.py).
-`tracking.json` in the run directory records the MLflow run once it exists (resume re-opens it).
+`tracking.json` in the run directory (rank 0, even with tracking off) records the tags and
+dataset inputs the run is given, the MLflow run once it exists (resume re-opens it), and whether
+MLflow took everything (`complete`; false with `gave_up` when finish() gave up), so that `relog`
+completes the run a live one would have been.
 MLflow is imported lazily (in the thread), so a trainer without it runs with tracking off.
 """
 from __future__ import annotations
@@ -111,6 +114,7 @@ class Tracker:
                  retry_s: float = 30.0, max_queue: int = 10_000):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.rank0 = active        # writes tracking.json (also with tracking off)
         self.active = active and cfg.enabled
         if self.active and importlib.util.find_spec("mlflow") is None:
             warnings.warn("mlflow is not installed: tracking is off (the run directory holds everything)")
@@ -125,6 +129,7 @@ class Tracker:
         self.down = False          # the last MLflow call failed
         self._remote = not self.uri.startswith(("sqlite:", "file:", "/"))
         self._params_logged = False
+        self._inputs_logged = False
         self._client = None
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -135,6 +140,8 @@ class Tracker:
         self._warned: set[str] = set()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()   # the run exists, or starting it failed for good
+        self._record: dict = {}     # tracking.json's content (_note writes it)
+        self._record_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public, non-blocking
 
@@ -143,6 +150,22 @@ class Tracker:
         """Queue the run's creation (or re-opening, after a resume) with its params, tags and
         dataset inputs ({"name", "digest", "source"}). Returns the run id if it exists within
         `wait_s` seconds (0 for training: it never waits), else None (`run_id` fills in later)."""
+        if self.rank0 and self.run_dir.is_dir():
+            old = rundir.load_tracking(self.run_dir) or {}
+            if not (resume_run_id and old.get("run_id") == resume_run_id):
+                old = {}      # a new run: nothing of a previous one's record carries over
+            self._record = dict(old)
+            # what MLflow gets (or would have got): the first start's code tags stay
+            record_tags = {**code_version_tags(), **(old.get("tags") or {}),
+                           **{k: str(v) for k, v in (tags or {}).items()}}
+            fields = dict(tags=record_tags, inputs=list(inputs or old.get("inputs") or []),
+                          complete=None, gave_up=None)
+            # with tracking off, or logging to another store, the run MLflow has from before
+            # stays named until this one exists
+            if self.active and old.get("tracking_uri") in (None, self.uri):
+                fields.update(tracking_uri=self.uri, experiment=self.cfg.experiment,
+                              run_id=old.get("run_id"))
+            self._note(**fields)
         if not self.active:
             return None
         self._thread = threading.Thread(target=self._drain, name="mlic-tracking", daemon=True)
@@ -156,7 +179,10 @@ class Tracker:
         self._put(("params", dict(params)))
 
     def set_tags(self, tags: dict) -> None:
-        self._put(("tags", {k: str(v) for k, v in tags.items()}))
+        tags = {k: str(v) for k, v in tags.items()}
+        if self._record:
+            self._note(tags={**self._record.get("tags", {}), **tags})
+        self._put(("tags", tags))
 
     def log_metrics(self, metrics: dict, step: int, step_level: bool = False) -> None:
         """`step_level` marks high-rate metrics, the first dropped when the queue is full."""
@@ -196,6 +222,12 @@ class Tracker:
             self._cv.notify_all()
         complete = (not self._thread.is_alive() and self.dropped == 0 and not self.down
                     and self.run_id is not None)
+        if self._record:
+            reason = None if complete else (
+                f"MLflow at {self.uri} " + ("never created the run" if self.run_id is None else
+                                            "was unreachable when the run ended" if self.down or self._thread.is_alive()
+                                            else f"lost {self.dropped} queued calls"))
+            self._note(complete=complete, gave_up=reason)
         if not complete:
             warnings.warn(f"MLflow ({self.uri}) did not receive all of this run: everything is in "
                           f"{self.run_dir}; log it later with `python -m mlic_dist.relog "
@@ -221,6 +253,17 @@ class Tracker:
                     self.dropped += 1
             self._queue.append((step_level, op))
             self._cv.notify_all()
+
+    def _note(self, **fields) -> None:
+        """Merge `fields` into tracking.json (from the caller's thread or the tracking thread)."""
+        with self._record_lock:
+            self._record.update(fields)
+            record = {"tracking_uri": None, "experiment": None, "run_id": None,
+                      **{k: v for k, v in self._record.items() if v is not None}}
+            try:
+                rundir.write_tracking(self.run_dir, **record)
+            except OSError as e:   # the run directory is the trainer's business; never stop for it
+                self._warn_once("record", f"cannot write {self.run_dir / rundir.TRACKING}: {e}")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -316,7 +359,10 @@ class Tracker:
                 run = client.get_run(resume_run_id)
                 client.update_run(resume_run_id, status="RUNNING")
                 self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
-                self._params_logged = True   # params are immutable: the run has them
+                # params are immutable: a run that has them keeps them; one whose start was cut
+                # off before its params (or dataset inputs) arrived gets them now
+                self._params_logged = bool(run.data.params)
+                self._inputs_logged = bool(run.inputs is not None and run.inputs.dataset_inputs)
                 if tags:
                     self._op_tags({k: str(v) for k, v in tags.items()})
             except MlflowException as e:
@@ -333,15 +379,18 @@ class Tracker:
             self.run_id = client.create_run(self.experiment_id, tags=all_tags).info.run_id
         if not self._params_logged:
             self._op_params(params)
-            if inputs:
-                from mlflow.entities import Dataset, DatasetInput
+        if inputs and not self._inputs_logged:
+            from mlflow.entities import Dataset, DatasetInput
 
-                client.log_inputs(self.run_id, [DatasetInput(Dataset(
-                    name=i["name"], digest=i["digest"][:36], source_type="local", source=i["source"]))
-                    for i in inputs])
-            self._params_logged = True
+            client.log_inputs(self.run_id, [DatasetInput(Dataset(
+                name=i["name"], digest=i["digest"][:36], source_type="local", source=i["source"]))
+                for i in inputs])
+        self._params_logged = self._inputs_logged = True
         if self.run_dir.is_dir():
-            rundir.write_tracking(self.run_dir, self.uri, self.cfg.experiment, self.run_id)
+            if self._record:
+                self._note(tracking_uri=self.uri, experiment=self.cfg.experiment, run_id=self.run_id)
+            else:   # the directory appeared after start()
+                rundir.write_tracking(self.run_dir, self.uri, self.cfg.experiment, self.run_id)
         self._started.set()
 
     def _op_params(self, params: dict) -> None:
