@@ -241,6 +241,7 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
     args = ["--config", str(path), "train.checkpoint_every_steps=1"]
     spec = load_sweep(path, args[2:])
     short, long = (t.output_dir for t in spec.trials())
+    descendants = Descendants().__enter__()
     proc = _sweep_cli(args, tmp_path)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -256,8 +257,13 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
             "the sweep ended before it could be killed:\n" + "".join(lines)[-3000:]
         proc.kill()  # the sweep's own process only, as a crash would
         proc.wait()
+        # Ray's workers and agents, reparented, used to wait 1-5 min for their GCS: the sweep's
+        # reaper ends them (and the mlflow server's watchdog its server) within seconds
+        left = descendants.survivors(grace_s=15)
+        assert not left, f"alive 15 s after the sweep's driver was SIGKILLed: {left}"
     finally:
-        _kill_group(proc.pid)  # Ray's helpers that outlive a killed driver (same process group)
+        descendants.__exit__(None, None, None)
+        _kill_group(proc.pid)  # should anything have outlived it, for the tests that follow
     state = json.loads((spec.root_dir / "sweep.json").read_text())
     old_server = state["mlflow_server"]["pid"]   # the group of the server, led by its watchdog
     # the sweep could not stop its mlflow server (its own session); the watchdog did, within seconds

@@ -34,6 +34,7 @@ from ..tracking.server import MlflowServer
 from ..tracking.store import default_uri
 from ..tracking.tracker import Tracker
 from .cluster import check_nodes, connect, plan
+from .reaper import reap_on_death
 from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
 from .spec import SweepError, SweepSpec, check_shards, check_weights, describe_resources, dump
 from .state import check_state, stop_stale_server, write_state
@@ -93,6 +94,8 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
         import ray
 
 
+        if address is None:   # this process starts Ray: its processes end with it, even on SIGKILL
+            stack.enter_context(reap_on_death())
         t_ray = time.time()
         connect(address)
         stack.callback(ray.shutdown)
