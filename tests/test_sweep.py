@@ -333,6 +333,9 @@ def test_asha_with_more_trials_than_slots_stops_some_and_errors_none(shards, tmp
     assert "failed:" not in text and "Could not re-use actor" not in text
     for t in spec.trials():   # a stopped trial is stopped, not run on to the end
         assert (t.output_dir / "metrics.json").is_file() == (t.name in finished)
+    from mlic_dist.sweep.state import stopped_early
+
+    assert stopped_early(spec.root_dir) == stopped   # recorded at once, for a --resume to honour
     client, runs = client_runs(uri, "asha")
     (parent,) = [r for r in runs if r.info.run_name == spec.name]
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_failed"] == 0
@@ -521,6 +524,77 @@ def test_the_best_val_map_counts_the_weight_ema_where_it_won(shards, tmp_path):
         for e, (raw, ema) in enumerate(curves[t.name]):
             view.on_trial_result(e, [], t.name, {"epochs_done": e + 1, "val_mAP": raw, "val_mAP_ema": ema})
     assert view.best == (0.72, a.name) and "best val_mAP 0.7200 " + a.name in view.summary()
+
+
+def test_the_progress_view_after_a_worker_restart_and_a_resume():
+    """Fault injection (issue 19): a worker restart replays an epoch, which printed a "new best"
+    that was none; a --resume started at "0/N done" with no best."""
+    import io
+    import types
+
+    from mlic_dist.sweep.progress import ProgressView
+
+    out = io.StringIO()
+    view = ProgressView(3, stream=out)
+    view.on_trial_result(0, [], "a", {"epochs_done": 1, "val_mAP": 0.50})
+    view.on_trial_result(1, [], "a", {"epochs_done": 2, "val_mAP": 0.60})
+    view.on_trial_result(2, [], "a", {"epochs_done": 2, "val_mAP": 0.61})   # epoch 2 again, after a restart
+    assert out.getvalue().count("new best") == 2 and view.best == (0.60, "a")
+    view.on_trial_result(3, [], "a", {"epochs_done": 3, "val_mAP": 0.65})
+    assert out.getvalue().count("new best") == 3
+
+    class Trial(types.SimpleNamespace):   # what a callback reads of Tune's Trial
+        def __str__(self):
+            return self.name
+
+    # --resume: Tune restores the callback (setup) and the trials, one finished, two to go
+    restored = [Trial(status="TERMINATED", last_result={"epochs_done": 3, "val_mAP": 0.7, "best_val_mAP": 0.72},
+                      name="a"),
+                Trial(status="PENDING", last_result={"epochs_done": 1, "val_mAP": 0.4}, name="b"),
+                Trial(status="PENDING", last_result={}, name="c")]
+    out = io.StringIO()
+    view.stream = out
+    view.setup()
+    view.on_step_begin(0, restored)
+    assert view.summary().startswith("1/3 done") and view.best == (0.72, "a")
+    view.on_trial_result(1, restored, restored[1], {"epochs_done": 1, "val_mAP": 0.4})   # replayed
+    view.on_trial_result(2, restored, restored[1], {"epochs_done": 2, "val_mAP": 0.71})
+    assert "new best" not in out.getvalue()
+
+
+def test_a_trial_asha_stopped_stays_stopped_on_resume(shards, tmp_path):
+    """Tune saves its state every few seconds: a trial ASHA stopped just before the sweep was
+    killed came back RUNNING and, ASHA's rung already holding it, ran to the end while the other
+    stopped trials stayed stopped. The stop is recorded at once and the trial's driver honours it."""
+    from mlic_dist.sweep.cluster import Plan
+    from mlic_dist.sweep.state import stopped_early, write_state
+    from mlic_dist.sweep.tune import TrialContext, make_stop_recorder, run_trial
+
+    path = write_sweep(tmp_path / "stop.yaml", shards, tmp_path / "runs", {"data.size": [32, 48]}, asha=True)
+    spec = load_sweep(path, ["train.epochs=3"])
+    spec.root_dir.mkdir(parents=True)
+    state = write_state(spec, {}, parent_run_id="p")
+    a, b = spec.trials()
+    recorder = make_stop_recorder(spec)
+
+    class Trial:
+        def __init__(self, name):
+            self.name = name
+
+        def __str__(self):
+            return self.name
+
+    recorder.on_trial_result(0, [], Trial(a.name), {"epochs_done": 1, "val_mAP": 0.3})                 # goes on
+    recorder.on_trial_result(0, [], Trial(b.name), {"epochs_done": 3, "val_mAP": 0.3, "done": True})   # its last epoch
+    assert stopped_early(spec.root_dir) == set()
+    recorder.on_trial_result(1, [], Trial(a.name), {"epochs_done": 1, "val_mAP": 0.2, "done": True})   # ASHA: STOP
+    assert stopped_early(spec.root_dir) == {a.name}
+    write_state(spec, state, mlflow_server={"pid": 1})      # the driver's own writes keep the record
+    assert stopped_early(spec.root_dir) == {a.name}
+    plan = Plan(workers=1, cpus_per_worker=1, gpus_per_worker=0, driver_resources={}, max_concurrent=1, cluster={})
+    ctx = TrialContext(spec, plan, "sqlite:///x.db", "p", worker=lambda cfg: pytest.fail("trained a stopped trial"))
+    assert run_trial(dict(a.point), ctx) is None            # returns at once: nothing trains
+    assert not a.output_dir.exists()
 
 
 def test_the_sweeps_own_ray_listens_on_loopback_only():

@@ -28,10 +28,34 @@ class ProgressView(Callback):
         self.state: dict[str, str] = {}     # trial name -> running | done | failed
         self.epochs: dict[str, int] = {}
         self.best = (float("-inf"), "")
+        self._adopted = False
 
-    # A restored sweep unpickles this callback; start the view afresh.
+    # A restored sweep unpickles this callback; start the view afresh, then (first step) take
+    # what the restored trials already did: "3/8 done" and their best, not "0/8" and a false best.
     def setup(self, **info) -> None:
         self._reset()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._adopted:
+            self._adopted = True
+            self._adopt(trials)
+
+    def _adopt(self, trials) -> None:
+        done = 0
+        for trial in trials:
+            last = getattr(trial, "last_result", None) or {}
+            name = str(trial)
+            if last.get("epochs_done"):
+                self.epochs[name] = int(last["epochs_done"])
+            value = best_val_map([last]) if last else None
+            if isinstance(last.get("best_val_mAP"), (int, float)):
+                value = max(v for v in (value, last["best_val_mAP"]) if v is not None)
+            if value is not None and value > self.best[0]:
+                self.best = (value, name)
+            if getattr(trial, "status", None) == "TERMINATED":
+                self.state[name], done = "done", done + 1
+        if done:
+            self._line(f"resumed: {done} trial(s) already done")
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -51,7 +75,10 @@ class ProgressView(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         name = str(trial)
-        self.epochs[name] = int(result.get("epochs_done", 0))
+        epochs = int(result.get("epochs_done", 0))
+        if epochs <= self.epochs.get(name, 0):
+            return   # an epoch reported again after a worker restart: nothing new, and no "new best"
+        self.epochs[name] = epochs
         value = best_val_map([result])   # val_mAP or, where the weight EMA did better, val_mAP_ema
         if value is not None and value > self.best[0]:
             self.best = (value, name)

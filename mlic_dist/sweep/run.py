@@ -38,7 +38,7 @@ from .reaper import reap_on_death
 from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
 from .spec import SweepError, SweepSpec, check_shards, check_weights, describe_resources, dump
 from .state import check_state, stop_stale_server, write_state
-from .tune import TrialContext, make_releaser, make_tuner
+from .tune import TrialContext, make_releaser, make_stop_recorder, make_tuner
 
 # Tune saves its experiment state at most every 10 s by default: a sweep killed within 10 s of
 # a trial finishing would run that trial again on --resume. Saving is cheap at sweep scale.
@@ -149,7 +149,7 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
     status = "KILLED"
     try:
         t_fit = time.time()
-        grid = make_tuner(ctx, [view, make_releaser(), *callbacks], resume).fit()
+        grid = make_tuner(ctx, [view, make_releaser(), make_stop_recorder(spec), *callbacks], resume).fit()
         timings["tune_fit_s"] = time.time() - t_fit
         # Tune returns normally after a Ctrl-C too, with trials neither terminated nor errored.
         interrupted = len(grid) < len(trials) or grid.num_terminated + grid.num_errors < len(grid)

@@ -19,6 +19,7 @@ from ..tracking.server import stop_group
 from .spec import SweepError, SweepSpec
 
 STATE_FILE = "sweep.json"
+STOPPED = "stopped_early"   # names of the trials ASHA stopped: they stay stopped on --resume
 
 
 def check_state(spec: SweepSpec, resume: bool) -> dict:
@@ -48,6 +49,9 @@ def write_state(spec: SweepSpec, state: dict, **updates) -> dict:
     """Merge `updates` into the state and replace sweep.json atomically; returns the new state."""
     doc = {**state, "name": spec.name, "source": spec.source, "overrides": list(spec.overrides),
            "spec": spec.to_dict(), **updates}
+    stopped = set(doc.get(STOPPED, [])) | stopped_early(spec.root_dir)   # record_stopped's, kept
+    if stopped:
+        doc[STOPPED] = sorted(stopped)
     doc.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
     write_text(spec.root_dir / STATE_FILE, json.dumps(doc, indent=2, default=str))
     return doc
@@ -69,3 +73,23 @@ def stop_stale_server(state: dict, store: str, timeout_s: float = 10.0) -> bool:
         return False
 
     return stop_group(pid, timeout_s)   # its own session: the group is the server and its children
+
+
+def record_stopped(spec: SweepSpec, name: str) -> None:
+    """Note that ASHA stopped trial `name` (the driver's Tune callback, at once): Tune saves its
+    own state every few seconds, so a sweep killed in between would otherwise resume that trial
+    and, ASHA's rung already holding it, run it to the end while the other stopped trials stay
+    stopped."""
+    path = spec.root_dir / STATE_FILE
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc[STOPPED] = sorted(set(doc.get(STOPPED, [])) | {name})
+    write_text(path, json.dumps(doc, indent=2, default=str))
+
+
+def stopped_early(root_dir: Path) -> set[str]:
+    """The trials of the sweep in `root_dir` that ASHA stopped (record_stopped)."""
+    path = Path(root_dir) / STATE_FILE
+    try:
+        return set(json.loads(path.read_text()).get(STOPPED, []))
+    except (OSError, ValueError):
+        return set()

@@ -8,7 +8,8 @@ the G workers as one DDP job. The epoch hook reports each epoch with `ray.train.
 trainer's `TuneReportCallback` forwards rank 0's metrics to Tune (ASHA, the progress view).
 Before `train()`, each worker (`worker_entry`) checks that LOCAL_RANK names a GPU Ray gave it
 and tells the trainer how many CPUs it may use ($MLIC_CPUS_PER_PROCESS: those Ray reserved).
-A trial ASHA stops is killed with its workers (no actor reuse: see make_tuner).
+A trial ASHA stops is killed with its workers (no actor reuse: see make_tuner), recorded at once
+in sweep.json (make_stop_recorder) and kept stopped by a --resume.
 
 Faults: `ray.train.FailureConfig(max_failures)` restarts a trial's worker group when a worker
 dies; `train()` then resumes from the newest checkpoint in the trial's output directory
@@ -31,6 +32,7 @@ from ..resources import ASSIGNED_CPUS_ENV
 from ..train.loop import train
 from .cluster import Plan
 from .spec import SweepError, SweepSpec, trial_name
+from .state import record_stopped, stopped_early
 
 TRIAL_LOG = "train.log"          # rank 0's output, in the trial's output directory
 TUNE_DIR, TRAIN_DIR = "_tune", "_train"
@@ -116,6 +118,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     point = {k: config[k] for k in ctx.spec.grid}
     name = ctx.spec.trial_name(point)
+    if name in stopped_early(ctx.spec.root_dir):
+        return   # ASHA stopped it before the sweep was killed: a --resume keeps it stopped
     plan = ctx.plan
     trainer = TorchTrainer(
         worker_entry,
@@ -199,6 +203,22 @@ def make_releaser():
                 remove_placement_group(pg)
 
     return PlacementGroupReleaser()
+
+
+def make_stop_recorder(spec: SweepSpec):
+    """A Tune callback that records each trial ASHA stops in sweep.json as soon as it is stopped
+    (state.record_stopped): ASHA's STOP marks the result `done` before the last planned epoch."""
+    from ray import tune
+
+    planned = {t.name: t.cfg.train.epochs for t in spec.trials()}
+
+    class StopRecorder(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            name = str(trial)
+            if result.get("done") and int(result.get("epochs_done", 0)) < planned.get(name, 0):
+                record_stopped(spec, name)
+
+    return StopRecorder()
 
 
 def _last_byte(path: Path) -> bytes:
