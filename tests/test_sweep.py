@@ -293,6 +293,35 @@ def test_a_killed_sweep_finishes_with_resume_without_redoing_finished_trials(sha
     assert f"#/experiments/{parent.info.experiment_id}/runs" in out  # the UI hint opens the runs page
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_sweep_exits_130_and_calls_no_trial_stopped(shards, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) part-way through a trial:
+    Tune ends the trials and marks them TERMINATED like ASHA's stops, so the sweep took the
+    unfinished trial for one stopped early and exited 0."""
+    path = write_sweep(tmp_path / "int.yaml", shards, tmp_path / "runs", {"train.epochs": [12]},
+                       ensembles=(), report=False, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = load_sweep(path, ["train.checkpoint_every_steps=1"])
+    (trial,) = spec.trials()
+    proc = _sweep_cli(["--config", str(path), "train.checkpoint_every_steps=1"], tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and not list((trial.output_dir / "checkpoints").glob("e*")):
+            time.sleep(0.1)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        reader.join(10)
+    finally:
+        _kill_group(proc.pid)
+    text = "".join(lines)
+    assert rc == 130, text[-3000:]
+    assert re.search(rf"^\| {re.escape(trial.name)} \| unfinished \|", text, re.M), text[-3000:]
+    assert "--resume" in text and not (trial.output_dir / "metrics.json").exists()
+
+
 # --------------------------------------------------------------------------- ASHA, more trials than slots
 
 
@@ -516,6 +545,11 @@ def test_the_best_val_map_counts_the_weight_ema_where_it_won(shards, tmp_path):
         rundir.write_history(t.output_dir, [{"epoch": e, "val_mAP": raw, "val_mAP_ema": ema}
                                             for e, (raw, ema) in enumerate(curves[t.name])])
     grid = [types.SimpleNamespace(config=dict(t.point), error=None, metrics={}) for t in (a, b)]
+    from mlic_dist.sweep.state import record_stopped
+
+    assert {o.status for o in outcomes(grid, spec)} == {"unfinished"}   # Ctrl-C'd: TERMINATED to Tune too
+    for t in (a, b):
+        record_stopped(spec, t.name)                                     # ASHA stopped them
     results = outcomes(grid, spec)
     assert [(o.name, o.epochs, o.best_val_mAP) for o in results] == [(a.name, 2, 0.72), (b.name, 2, 0.70)]
     assert table(results).splitlines()[2].startswith(f"| {a.name} | stopped early | 2 | 0.7200 |")

@@ -24,6 +24,7 @@ from typing import Optional
 from .. import rundir
 from ..relog import relog
 from ..tracking import query as mq
+from .state import stopped_early
 
 FINISHED = "FINISHED"
 
@@ -39,21 +40,25 @@ class TrialOutcome:
     run_dir: Optional[Path] = None
 
 
-def outcomes(result_grid, spec, interrupted: bool = False) -> list[TrialOutcome]:
+def outcomes(result_grid, spec) -> list[TrialOutcome]:
     """One outcome per grid point, in grid order. A trial finished when its trainer wrote
     metrics.json (the last step of train()); one without an error that did not was stopped early
-    by ASHA, or is unfinished when the sweep was interrupted (Ctrl-C). Epochs and the best val
-    mAP come from the run directory's history (Tune may miss the reports of a killed worker)."""
+    when ASHA's stop was recorded (state.record_stopped), else it is unfinished (a Ctrl-C, which
+    Tune's result grid does not tell apart). Epochs and the best val mAP come from the run
+    directory's history (Tune may miss the reports of a killed worker)."""
 
     by_name = {}
+    stopped = stopped_early(spec.root_dir)
     for r in result_grid:
         trial = spec.trial({k: r.config[k] for k in spec.grid})
         if r.error is not None:
             status = "failed"
         elif (trial.output_dir / rundir.METRICS).is_file():
             status = "finished"
-        else:
-            status = "unfinished" if interrupted else "stopped early"
+        elif trial.name in stopped:
+            status = "stopped early"
+        else:   # Tune marks the trials a Ctrl-C ended TERMINATED too: only ASHA's record says stopped
+            status = "unfinished"
         epochs, best = _from_history(trial.output_dir)
         if epochs is None:  # no history yet: what Tune heard
             m = r.metrics or {}

@@ -153,7 +153,9 @@ def _run(spec, trials, the_plan, state, resume, tracking_uri, store, artifacts, 
         timings["tune_fit_s"] = time.time() - t_fit
         # Tune returns normally after a Ctrl-C too, with trials neither terminated nor errored.
         interrupted = len(grid) < len(trials) or grid.num_terminated + grid.num_errors < len(grid)
-        results = outcomes(grid, spec, interrupted)
+        results = outcomes(grid, spec)
+        # ... and marks the trials it ended TERMINATED: one neither finished nor stopped by ASHA
+        interrupted = interrupted or any(o.status == "unfinished" for o in results)
         failed = [o for o in results if o.status == "failed"]
         t_post = time.time()
         if parent_id:
