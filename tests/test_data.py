@@ -1,6 +1,7 @@
 """mlic_dist.data: both loaders on tiny shards (CPU; DALI with device_id=None)."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -19,6 +20,14 @@ from shard_fixtures import build_small_shards, garble_sample, truncate_shard
 
 LOADERS = ["dali", "torch"]
 SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def _free_dali_pipelines():
+    """A DALI loader keeps its pipeline (and DALI's threads) between epochs; a torch DataLoader
+    that forks workers while another test's pipeline lingers in a garbage cycle can lose them."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -444,3 +453,78 @@ def test_truncated_shard_named_by_read_manifest_and_labels(shards, tmp_path):
     (short / "val-000001.idx").write_text("v1.2 3\n")
     with pytest.raises(ShardDataError, match=r"val-000001\.idx declares 'v1.2 3' .* 5 samples"):
         read_manifest(short)
+
+
+# ----------------------------------------------------------------------------- DALI: built once
+
+
+def _epoch_ids(loader, epoch):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    return [i for b in batches for i in b.ids.tolist()], torch.cat([b.images for b in batches])
+
+
+def test_dali_builds_its_pipeline_once_and_replays_any_epoch_from_a_checkpoint(shards):
+    """The pipeline is reset, not rebuilt, per epoch (issue 22); each epoch reshuffles, the two
+    ranks' epochs still cover the split exactly once, and the state a checkpoint keeps at an
+    epoch's start replays that epoch bit for bit in a new process's loader."""
+    c = cfg(shards, "dali", augment="M2")
+    ranks = [build_loader(c, "train", train=True, rank=r, world_size=2, device="cpu", seed=3) for r in (0, 1)]
+    epochs, states = [], []
+    for e in range(3):
+        states.append([ld.state_dict() for ld in ranks])   # what a checkpoint at epoch e's start holds
+        per_rank = [_epoch_ids(ld, e) for ld in ranks]
+        epochs.append(per_rank)
+        ids = per_rank[0][0] + per_rank[1][0]
+        n = ranks[0].plan.num_batches * ranks[0].batch_size
+        assert len(set(per_rank[0][0])) == len(per_rank[0][0]) == n   # no sample twice within a rank
+        assert not set(per_rank[0][0]) & set(per_rank[1][0]) and len(ids) == 2 * n
+    assert [ld.builds for ld in ranks] == [1, 1]
+    assert epochs[1][0][0] != epochs[2][0][0] and set(epochs[0][0][0]) != set(epochs[1][0][0])  # reshuffled, rotated
+    assert states[2][0]["dali"] and states[2][0]["build_epoch"] == 0
+    again = build_loader(c, "train", train=True, rank=0, world_size=2, device="cpu", seed=3)
+    again.load_state_dict(states[2][0])
+    ids, images = _epoch_ids(again, 2)
+    assert ids == epochs[2][0][0] and torch.equal(images, epochs[2][0][1])
+
+
+def test_dali_rebuilds_after_an_epoch_left_part_way_and_that_epoch_is_deterministic(shards):
+    c = cfg(shards, "dali", augment="M1")
+    loader = build_loader(c, "train", train=True, rank=0, world_size=1, device="cpu", seed=1)
+    loader.set_epoch(0)
+    next(iter(loader))                     # train.max_steps_per_epoch stops early
+    assert loader.state_dict() == {}       # nothing to keep: the next epoch builds afresh
+    first, _ = _epoch_ids(loader, 1)
+    fresh = build_loader(c, "train", train=True, rank=0, world_size=1, device="cpu", seed=1)
+    assert _epoch_ids(fresh, 1)[0] == first and loader.builds == 2
+
+
+def test_dali_out_of_memory_goes_up_as_it_is_without_a_data_scan(shards, monkeypatch):
+    from mlic_dist.data import dali
+
+    loader = build_loader(cfg(shards, "dali"), "train", train=True, device="cpu")
+    monkeypatch.setattr(dali.DaliLoader, "_bad_data_error", lambda *a: pytest.fail("scanned the data for an OOM"))
+
+    def no_memory(self, epoch):
+        raise RuntimeError("Can't allocate 402653184 bytes on device 0.")
+
+    monkeypatch.setattr(dali.DaliLoader, "_build", no_memory)
+    with pytest.raises(RuntimeError, match="Can't allocate"):
+        list(loader)
+
+
+def test_dali_decoder_arguments_are_dalis_own():
+    """hw_decoder_load and jpeg_fancy_upsampling reach the mixed decoders under names their
+    schemas know (a typo would fail only on a GPU)."""
+    from nvidia.dali import backend
+
+    from mlic_dist.config import load_config
+    from mlic_dist.data.dali import decoder_args
+
+    data = load_config(None, ["data.dali_hw_decoder_load=0.9", "data.dali_fancy_upsampling=true"]).data
+    args = decoder_args(data, on_gpu=True)
+    assert args == {"device": "mixed", "hw_decoder_load": 0.9, "jpeg_fancy_upsampling": True}
+    for op in ("decoders__Image", "decoders__ImageRandomCrop"):
+        schema = backend.GetSchema(op)
+        assert all(schema.HasArgument(k) for k in args if k != "device"), op
+    assert decoder_args(data, on_gpu=False) == {"device": "cpu"}

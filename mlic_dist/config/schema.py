@@ -56,7 +56,11 @@ class DataConfig:
     shuffle_buffer: int = 4096
     """Samples in the reader's shuffle buffer (shards are also shuffled when written)."""
     shard_shuffle: bool = True
-    """Training reads the split's tars in a new order every epoch (seeded by seed and epoch), so the sample order changes beyond the shuffle buffer; false = written order every epoch."""
+    """Training reads the split's tars in an order drawn from the seed (torch loader: a new one every epoch; DALI: one per pipeline, built once a run, the shuffle buffer and the rank rotation reshuffling every epoch); false = the written order."""
+    dali_hw_decoder_load: float = 0.65
+    """DALI on a GPU: the share of JPEGs sent to the hardware decoder (A100/H100 nvJPEG engines), the rest to CUDA nvJPEG; DALI's default, until a device measures better (bench/gpu_device.md)."""
+    dali_fancy_upsampling: bool = False
+    """DALI on a GPU: decode chroma with the CPU decoder's (libjpeg's fancy) upsampling, so GPU and CPU decoding agree in colour; off = nvJPEG's faster default."""
     train_split: str = "train"
     """Split the model trains on."""
     val_split: str = "val"
@@ -97,6 +101,9 @@ class DataConfig:
         if not 0 < lo <= hi < 1:
             raise ConfigError(f"data.cutout_scale={list(self.cutout_scale)} must satisfy 0 < min <= max < 1")
         _check_positive("data.shuffle_buffer", self.shuffle_buffer)
+        if not 0 <= self.dali_hw_decoder_load <= 1:
+            raise ConfigError(f"data.dali_hw_decoder_load={self.dali_hw_decoder_load!r} must be in [0, 1] (the share of "
+                              f"images for the hardware JPEG decoder; DALI's default is 0.65)")
         if self.val_split == self.test_split:
             raise ConfigError(f"data.val_split={self.val_split!r} equals data.test_split: model selection must not see test")
         if self.val_split == self.train_split:

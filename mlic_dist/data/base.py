@@ -41,6 +41,17 @@ class LoaderBase:
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep to replay the current epoch exactly, beyond (seed, epoch,
+        rank): nothing here (the torch loader); DALI's reader state for the DALI loader."""
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release what the loader holds between epochs (DALI: its pipeline and threads)."""
+
     @property
     def num_samples(self) -> int:
         return self.plan.num_samples

@@ -19,18 +19,22 @@ torchvision's and DALI's RandAugment have the same 14 operations and magnitude r
 given torchvision's translate range and both fill with 128); Cutout follows RandomErasing's
 sampling in both (DALI clamps a too-large rectangle where torchvision redraws it).
 
+Mixed decoding takes `data.dali_hw_decoder_load` and `data.dali_fancy_upsampling` (decoder_args).
+
 Sharding: `shard_id=slot, num_shards=world_size, pad_last_batch=True, stick_to_shard=True`,
 FILL iterator: every rank gets the same number of full batches; for eval the rows past the
 rank's real samples (DALI repeats the last one) get id -1. Train drops the partial last batch
-(see common.RankPlan). The pipeline is rebuilt at every `iter()` with slot = (rank + epoch) % W
-and seed = f(seed, epoch, rank): an epoch replays identically (kill-and-resume), rebuilding
-costs well under a second (index files, no scan).
+(plan.RankPlan). The pipeline is built once and reset per epoch, the reader moving to slot
+(rank + epoch) % W (stick_to_shard off for training); its state at each epoch's start (DALI's
+checkpointing) is what a training checkpoint keeps, so an epoch replays identically after a
+kill (DaliLoader).
 
 Bad data: a DALI error names no sample ("nvImageCodec failure: '#4'", or a truncated tar's
 "Malformed index file"). When the pipeline fails, `__iter__` scans this rank's id range on the
 CPU (`integrity.find_bad_samples`: sizes, index vs tar, parts, a strict decode) and raises a
 `ShardDataError` naming the tar and the sample key(s); if the scan finds nothing wrong the data
-is not the cause and DALI's own error goes up unchanged.
+is not the cause and DALI's own error goes up unchanged. An out-of-memory error (device or pinned
+host memory) goes up as it is, with no scan: the data is not its cause.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from .augment import dali_extras, torch_extras
 from .base import LoaderBase, default_workers
 from .integrity import ShardDataError, find_bad_samples, verify_hint
 from .normalize import BufferPool
-from .plan import mix_seed, segments
+from .plan import mix_seed, segments, shard_order
 from .transforms import squash_resize
 
 
@@ -56,15 +60,15 @@ def _pipeline_def():
         jpegs, labels, ids = fn.readers.webdataset(
             paths=tar_paths, index_paths=index_paths, ext=["jpg", "lbl", "id"],
             dtypes=[types.UINT8, types.INT8, types.INT64], missing_component_behavior="error",
-            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True,
+            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=not train,
             random_shuffle=train, initial_fill=shuffle_buffer, name="Reader")
-        decoder = "mixed" if on_gpu else "cpu"
+        decoder = decoder_args(data_cfg, on_gpu)
         if train and preset.crop == "rrc":              # decode only the random-resized-crop window
             images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=types.RGB, random_area=list(data_cfg.rrc_scale),
-                random_aspect_ratio=list(data_cfg.rrc_ratio), num_attempts=10)
+                jpegs, output_type=types.RGB, random_area=list(data_cfg.rrc_scale),
+                random_aspect_ratio=list(data_cfg.rrc_ratio), num_attempts=10, **decoder)
         else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         if on_gpu:
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR)  # squash
             if train and preset.flip:
@@ -124,49 +128,141 @@ class _ReadError(Exception):
         self.error = error
 
 
+def decoder_args(data_cfg, on_gpu: bool) -> dict:
+    """The decoder's device and tuning: on a GPU `mixed` (nvJPEG + the hardware decoder) with
+    `data.dali_hw_decoder_load` (the share of images sent to the hardware decoder) and
+    `data.dali_fancy_upsampling` (the CPU decoder's chroma upsampling, so mixed and CPU decode
+    agree in colour); on the CPU, DALI's CPU decoder (libjpeg-turbo, always fancy)."""
+    if not on_gpu:
+        return {"device": "cpu"}
+    return {"device": "mixed", "hw_decoder_load": float(data_cfg.dali_hw_decoder_load),
+            "jpeg_fancy_upsampling": bool(data_cfg.dali_fancy_upsampling)}
+
+
+# DALI's own words for memory it could not get (device or pinned host): such an error is not the
+# data's fault and goes up as it is, without the CPU scan of the samples
+_OUT_OF_MEMORY = ("out of memory", "can't allocate", "cudaerrormemoryallocation", "cuda_error_out_of_memory",
+                  "std::bad_alloc")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(w in str(error).lower() for w in _OUT_OF_MEMORY)
+
+
 class DaliLoader(LoaderBase):
+    """Builds its pipeline once and `reset()`s it per epoch (DALI's ResNet-50 example does the
+    same; a rebuild costs index reads, a refill of the shuffle buffer and memory-pool growth).
+
+    Epoch e of a pipeline built at epoch b: the tars in epoch b's order (`plan.shard_order`), the
+    reader on slot (rank + e) % W (DALI moves to the next shard every epoch: stick_to_shard off,
+    the rank plan's rotation), its shuffle and random operators continuing from epoch e - 1. A
+    pipeline is reused only when the previous epoch was read to its end; a loop that stops early
+    (train.max_steps_per_epoch, an error) drops it and the next epoch builds afresh with seed
+    (seed, e, rank). Either way an epoch replays exactly after a kill: `state_dict()` is DALI's
+    own checkpoint of the reader and the random operators at the start of the epoch (none for a
+    fresh build, which (seed, e, rank) determines), saved in every rank's checkpoint file and
+    given back to `load_state_dict` on resume."""
+
     def __init__(self, data_cfg, manifest, split, *, train, rank, world_size, device, seed):
         super().__init__(data_cfg, manifest, split, train=train, rank=rank, world_size=world_size,
                          device=device, seed=seed)
         self.on_gpu = self.device.type == "cuda"
         self.num_threads = default_workers(data_cfg.num_workers)
         self._u8_buffers = BufferPool(keep=2)
+        self._pipe = self._it = None
+        self._pipe_epoch = None     # the epoch the built pipeline stands at the start of
+        self._build_epoch = None    # the epoch it was built for (its tar order, first slot, seed)
+        self._state: dict = {}      # state_dict(): how to rebuild the pipeline at _pipe_epoch
+        self._restore: dict = {}    # load_state_dict(): used when that epoch is first read
+        self.builds = 0             # pipelines built (tests, benchmarks)
 
-    def _build(self, slot: int):
+    # ------------------------------------------------------------------ state (checkpoints)
+
+    def state_dict(self) -> dict:
+        """{"epoch", "build_epoch", "dali"} for the epoch being read (or about to be), or {}."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self._restore = dict(state or {})
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _epoch_shards(self) -> list:
+        """The tars in the order of the epoch the pipeline was (or will be) built for."""
+        order = shard_order(len(self.info.shards), self.seed,
+                            self.epoch if self._build_epoch is None else self._build_epoch,
+                            self.train and self.cfg.shard_shuffle)
+        return [self.info.shards[k] for k in order]
+
+    def _build(self, epoch: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        restore = self._restore if self._restore.get("epoch") == epoch and self._restore.get("dali") else {}
+        self._restore = {}
+        built = int(restore.get("build_epoch", epoch))
         device_id = None
         if self.on_gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         cfg = self.cfg
+        self._build_epoch = built
         shards = self._epoch_shards()   # DALI cuts shard_id / num_shards out of this order's concatenation
         pipe = _pipeline_def()(
-            [str(s.path) for s in shards], [str(s.index_path) for s in shards], shard_id=slot,
-            num_shards=self.world_size, train=self.train, data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer),
-            on_gpu=self.on_gpu, batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
-            seed=mix_seed(self.seed, self.epoch, self.rank, 1), prefetch_queue_depth=2,
-            enable_conditionals=self.on_gpu and self.train and self.preset.randaugment)
+            [str(s.path) for s in shards], [str(s.index_path) for s in shards],
+            shard_id=self.plan.slot(self.rank, built), num_shards=self.world_size, train=self.train,
+            data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer), on_gpu=self.on_gpu,
+            batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+            seed=mix_seed(self.seed, built, self.rank, 1), prefetch_queue_depth=2,
+            enable_conditionals=self.on_gpu and self.train and self.preset.randaugment,
+            enable_checkpointing=self.train, checkpoint=restore.get("dali"))
         names = ["images", "labels", "ids"] if self.on_gpu else ["images", "shapes", "labels", "ids"]
         it = DALIGenericIterator([pipe], names, reader_name="Reader", auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.FILL, dynamic_shape=not self.on_gpu)
+        self.builds += 1
+        self._state = {"epoch": epoch, "build_epoch": built, "dali": restore.get("dali")}
         return pipe, it
 
+    def _drop(self) -> None:
+        self._pipe = self._it = None    # DALI's threads stop once nothing holds the pipeline
+        self._pipe_epoch = self._build_epoch = None
+        self._state = {}                # the next epoch builds afresh: (seed, epoch, rank) say it all
+
+    def close(self) -> None:
+        self._drop()
+
+    def _roll_over(self, epoch: int) -> None:
+        """The epoch's batches are all read: run the iterator to its end (the FILL batch a
+        training epoch drops), reset it, and note DALI's state at the start of the next epoch."""
+        while True:   # next(), not `for`: iter() on a DALI iterator that has been read resets it
+            try:
+                next(self._it)
+            except StopIteration:
+                break
+        self._it.reset()
+        self._pipe_epoch = epoch + 1
+        ck = self._it.checkpoints()[0] if self.train else None
+        self._state = {"epoch": epoch + 1, "build_epoch": self._build_epoch, "dali": ck}
+
     def __iter__(self):
-        slot = self.plan.slot(self.rank, self.epoch)
+        epoch = self.epoch
+        slot = self.plan.slot(self.rank, epoch)
         lo, hi = self.plan.id_range(slot)
         real = hi - lo
-        flip_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 2))
-        mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, 3))
+        flip_gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 2))
+        mix_gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 3))
         flip = self.train and self.preset.flip
         crop = self.train and self.preset.crop == "rrc"
         extras = torch_extras(self.preset, self.cfg) if self.train and not self.on_gpu else None
-        pipe = it = None
-        b = 0
+        b, last = 0, len(self) - 1
+        rolled = False
         try:
             try:
-                pipe, it = self._build(slot)   # builds and prefetches: may already read bad data
+                if self._pipe is None or self._pipe_epoch != epoch:
+                    self._drop()
+                    self._pipe, self._it = self._build(epoch)   # builds and prefetches: may read bad data
+                    self._pipe_epoch = epoch
             except RuntimeError as err:
                 raise _ReadError(err) from None
+            it = self._it
             for b in range(len(self)):
                 try:
                     out = next(it)[0]
@@ -181,23 +277,34 @@ class DaliLoader(LoaderBase):
                     images = resize_batch(images, out["shapes"], self.cfg.size, flips, antialias=not crop,
                                           pool=self.pool, buffers=self._u8_buffers)
                     if extras is not None:
-                        apply_extras(images, extras, mix_seed(self.seed, self.epoch, self.rank, 7, b))
-                yield self._finish(images, out["labels"], ids, mix_gen)
+                        apply_extras(images, extras, mix_seed(self.seed, epoch, self.rank, 7, b))
+                batch = self._finish(images, out["labels"], ids, mix_gen)   # owns its memory
+                if b == last:   # before the last yield: a consumer that stops there never resumes us
+                    try:
+                        self._roll_over(epoch)
+                    except RuntimeError:   # reset() prefetches the next epoch: its bad data is
+                        self._drop()       # that epoch's to report, from a fresh build
+                    rolled = True
+                yield batch
         except _ReadError as read:
-            it = pipe = None   # DALI's threads stop once nothing holds the pipeline
+            built = self._state.get("build_epoch", epoch)
+            self._drop()
             err = read.error
-            if isinstance(err, (ShardDataError, torch.OutOfMemoryError)):
-                raise err from None
+            if isinstance(err, ShardDataError) or is_out_of_memory(err):
+                raise err.with_traceback(None) from None
             # the reader goes through [lo, hi) in order, about a shuffle buffer and a few batches
             # ahead of the batch that failed: a CPU scan of that window (bounded: a whole rank's
             # range can be 100k images) names the bad sample; otherwise DALI's error goes up
             ahead = lo + (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
+            self._build_epoch = built
             found = self._bad_data_error(lo, min(hi, ahead))
+            self._build_epoch = None
             if found is None:
                 raise err.with_traceback(None) from None
             raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
         finally:
-            it = pipe = None
+            if not rolled and self._pipe_epoch == epoch:   # stopped part-way: the next epoch rebuilds
+                self._drop()
 
     def _bad_data_error(self, lo: int, end: int):
         """A ShardDataError naming the bad sample(s) at positions [lo, end) of the epoch's tar

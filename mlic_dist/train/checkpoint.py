@@ -3,7 +3,8 @@
 A checkpoint is a directory `OUTPUT/checkpoints/e{epoch:04d}-s{step:07d}/` (epoch in progress,
 optimizer steps done in it; `-s0000000` is an epoch boundary) holding
   state.pt        model, optimizer, scheduler, grad scaler, trainer state (rank 0 writes it)
-  rng-{rank}.pt   each rank's Python / NumPy / torch RNG states
+  rng-{rank}.pt   each rank's Python / NumPy / torch RNG states, and its training loader's
+                  state at the start of the epoch ("loader": DALI's checkpoint, see data/dali.py)
   meta.json       small facts readable without torch (e.g. the best epoch the state names)
   files.json      written last: every file above with its size and sha256
 It is written under a temporary name and renamed when complete (a rename is atomic on POSIX),
@@ -156,7 +157,7 @@ def _to_plain(x):
 
 def save(output_dir: str | Path, *, epoch: int, step: int, rank: int, world_size: int,
          payload: dict | None, barrier, keep: int = 2, protect: tuple[Path, ...] = (),
-         meta: dict | None = None) -> Path:
+         meta: dict | None = None, rank_state: dict | None = None) -> Path:
     """Write a checkpoint atomically; every rank calls this (rank 0 passes `payload`).
 
     `barrier` synchronises the ranks (e.g. `accelerator.wait_for_everyone`), so the rename
@@ -171,7 +172,7 @@ def save(output_dir: str | Path, *, epoch: int, step: int, rank: int, world_size
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    _atomic_torch_save(rng_state(), tmp / f"rng-{rank}.pt")
+    _atomic_torch_save({**rng_state(), "loader": dict(rank_state or {})}, tmp / f"rng-{rank}.pt")
     if rank == 0:
         payload = dict(payload or {})
         payload["world_size"] = world_size

@@ -390,6 +390,9 @@ def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict
     try:
         return fit(run, epoch_hook)
     finally:
+        for loader in (run.train_loader, run.val_loader, run.test_loader):
+            if loader is not None:   # DALI's pipelines and threads, in a process that goes on
+                loader.close()
         if run.lock is not None:
             run.lock.release()
 

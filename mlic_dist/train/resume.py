@@ -123,7 +123,8 @@ def save_checkpoint(run) -> Path:
     path = checkpoint.save(run.out, epoch=run.state.epoch, step=run.state.step_in_epoch,
                            rank=acc.process_index, world_size=acc.num_processes, payload=payload,
                            barrier=acc.wait_for_everyone, keep=run.cfg.train.keep_checkpoints,
-                           protect=protect, meta={"best_epoch": run.state.best_epoch})
+                           protect=protect, meta={"best_epoch": run.state.best_epoch},
+                           rank_state=run.train_loader.state_dict())
     if run.state.bad_steps == 0:
         run.last_good_checkpoint = path
     return path
@@ -216,6 +217,7 @@ def maybe_resume(run) -> Resumed | None:
     _apply_optimizer_changes(run, old_cfg, old_world)
     if rng is not None and old_world == acc.num_processes and not info.restarted_epoch:
         checkpoint.set_rng_state(rng)
+        run.train_loader.load_state_dict(rng.get("loader"))   # DALI's reader where the epoch began
     elif old_world != acc.num_processes:
         warnings.warn(f"{path} was written by {old_world} processes, this run has {acc.num_processes}: "
                       f"model and optimizer resume, the random streams restart (not bit-identical "
