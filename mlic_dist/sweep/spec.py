@@ -419,17 +419,17 @@ def check_shards(spec: SweepSpec) -> list[str]:
     return list(seen)
 
 
-def pretrained_needed(spec: SweepSpec) -> list[tuple[str, str]]:
-    """The distinct (model.backbone, model.pretrained) of the trials that load weights."""
-    pairs = {(t.cfg.model.backbone, t.cfg.model.pretrained) for t in spec.trials()}
-    return sorted(p for p in pairs if p[1] != "none")
+def pretrained_needed(spec: SweepSpec) -> list[tuple[str, str, str]]:
+    """The distinct (model.backbone, model.pretrained, model.weights) of the trials that load weights."""
+    triples = {(t.cfg.model.backbone, t.cfg.model.pretrained, t.cfg.model.weights) for t in spec.trials()}
+    return sorted(p for p in triples if p[1] != "none")
 
 
 def check_weights(spec: SweepSpec) -> None:
     """This machine has every pretrained weight file the grid needs (a sweep without --address
     trains here); one SweepError listing each missing file and the fix."""
-    lines = [f"{path} (model.backbone={b} model.pretrained={p})"
-             for b, p in pretrained_needed(spec) for path in missing_pretrained(b, p)]
+    lines = [f"{path} (model.backbone={b} model.pretrained={p} model.weights={w})"
+             for b, p, w in pretrained_needed(spec) for path in missing_pretrained(b, p, w)]
     if lines:
         raise SweepError(f"{spec._where()}: pre-flight: {len(lines)} pretrained weight file(s) missing, nothing "
                          f"started:\n  " + "\n  ".join(lines) + "\nfix: copy each file there "
