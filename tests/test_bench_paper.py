@@ -59,3 +59,26 @@ def test_choices_are_made_on_validation_and_claims_follow_their_intervals():
 def test_a_single_seed_gives_no_verdict():
     a = paper.analyse([sweep(0, 0.9, 0.0)])
     assert {c["verdict"] for c in a["claims"] if c["difference"]["n"] == 1} == {"one sample: no verdict"}
+
+
+def test_the_miniature_has_the_papers_shape(capsys):
+    """make bench-paper's plan (dry run: nothing trains): 3 seeds, sizes about 15% apart, every
+    trial early-stopped on validation mAP, and exactly the paper's Table 3 ensembles per seed."""
+    from mlic_dist.config import flatten, to_dict
+    from mlic_dist.ensemble.selection import EnsembleRule, find_groups
+    from mlic_dist.sweep.spec import load_sweep
+
+    assert paper.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split(":")[0] for ln in out.splitlines() if ln.startswith("seed")] == ["seed 0", "seed 1", "seed 2"]
+    assert "9 trials" in out and "early stopping patience 2" in out and "ScaleEn[" in out and "greedy" in out
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "paper-mini.yaml")
+    trials = [flatten(to_dict(t.cfg)) for t in spec.trials()]
+    sizes = sorted({t["data.size"] for t in trials})
+    assert len(sizes) == 3 and all(1.10 <= b / a <= 1.20 for a, b in zip(sizes, sizes[1:]))
+    assert all(t["train.early_stopping"] > 0 and t["train.epochs"] > t["train.early_stopping"] for t in trials)
+    got = {}
+    for rule in (e for e in spec.ensembles if isinstance(e, EnsembleRule)):
+        (g,) = find_groups(trials, rule.kind, lambda r: r, lambda r: 0, str, rule=rule)
+        got[rule.name] = sorted((r["data.size"], r["data.augment"]) for r in g.items)
+    assert got == {"ScaleEn": [(s, "M3") for s in sizes], "DistrEn": [(sizes[-1], "M2"), (sizes[-1], "M3")]}

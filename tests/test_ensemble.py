@@ -292,3 +292,63 @@ def test_a_dead_tracking_server_is_one_line_fast(free_port, capsys, monkeypatch)
                          capsys)
     assert rc == 2 and err.startswith("error: cannot query MLflow at http://127.0.0.1:")
     assert len(err.strip().splitlines()) == 1 and time.time() - start < 60
+
+
+def _table3_groups(sweep_file, drop=()):
+    """The ensembles a paper sweep file asks for, on the configs of its trials over two seeds
+    (flattened as a run records them), less the trials in `drop`."""
+    from pathlib import Path
+
+    from mlic_dist.config import flatten, to_dict
+    from mlic_dist.ensemble.selection import EnsembleRule, find_groups
+    from mlic_dist.sweep.spec import load_sweep
+
+    spec = load_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / sweep_file)
+    runs = [{**flatten(to_dict(t.cfg)), "seed": seed} for t in spec.trials() for seed in (0, 1)]
+    runs = [r for r in runs if (r["model.backbone"], r["data.size"], r["data.augment"]) not in drop]
+    rules = [e for e in spec.ensembles if isinstance(e, EnsembleRule)]
+    assert "greedy" in spec.ensembles
+    found = set()
+    for rule in rules:
+        for g in find_groups(runs, rule.kind, lambda r: r, lambda r: 0, str, rule=rule):
+            members = tuple(sorted((r["model.backbone"], r["data.size"], r["data.augment"]) for r in g.items))
+            assert len({r["seed"] for r in g.items}) == 1 and g.name.startswith(rule.name + "-")
+            found.add((rule.name, g.items[0]["seed"], members))
+    return found
+
+
+@pytest.mark.parametrize("sweep_file", ["voc2007.yaml", "coco2014.yaml", "nuswide.yaml"])
+def test_paper_sweep_files_build_exactly_table_3(sweep_file):
+    """ScaleEn = the three sizes of M3 (of M1 for ResNet-101 on VOC), DistrEn = M2 + M3 at 512 px,
+    one of each per backbone and seed; nothing else, and no partial ScaleEn when a trial is lost."""
+    sizes = (384, 448, 512)
+    want = set()
+    for seed in (0, 1):
+        for b in ("resnet101", "vgg16"):
+            aug = "M1" if (sweep_file, b) == ("voc2007.yaml", "resnet101") else "M3"
+            want.add(("ScaleEn", seed, tuple(sorted((b, z, aug) for z in sizes))))
+            want.add(("DistrEn", seed, ((b, 512, "M2"), (b, 512, "M3"))))
+    assert _table3_groups(sweep_file) == want
+    lost = _table3_groups(sweep_file, drop={("vgg16", 448, "M3")})
+    assert lost == {w for w in want if not (w[0] == "ScaleEn" and w[2][0][0] == "vgg16")}
+
+
+def test_a_rule_picks_the_members_names_the_ensemble_and_the_report_lists_them(trained, tmp_path, capsys):
+    from mlic_dist.ensemble.selection import EnsembleRule
+    from mlic_dist.report.tables import collect_from_dirs, ensemble_table
+
+    distr = EnsembleRule.from_dict({"kind": "distr", "name": "DistrEn", "where": {"data.size": 32, "data.augment": ["M1", "M2"]}})
+    partial = EnsembleRule.from_dict({"kind": "scale", "name": "ScaleEn", "where": {"data.size": [32, 40, 48]}})
+    built = ensemble.build_ensembles(EXPERIMENT, [distr, partial], isolated_store(trained, tmp_path / "store"),
+                                     out_dir=tmp_path / "ens",
+                                     run_ids=list(trained.run_ids.values()))
+    assert "ScaleEn[data.size=32|40|48]" in capsys.readouterr().out    # 32 + 40 only: not the rule's ScaleEn
+    (run,) = built
+    assert run.name.startswith("DistrEn-tiny_cnn-32px-seed0-")
+    assert sorted(m["name"] for m in run.ensemble["members"]) == ["m1-32-s0", "m2-32-s0"]
+    assert run.ensemble["group"]["values"] == ["M1", "M2"] and run.ensemble["group"]["rule"]["name"] == "DistrEn"
+    rows = ensemble_table(collect_from_dirs([*trained.runs.values(), run.path]), "test")
+    row = next(r for r in rows if r["method"].startswith("DistrEn"))
+    assert row["method"] == "DistrEn (tiny_cnn, 32 px: M1 + M2)" and row["member runs"] == "m1-32-s0, m2-32-s0"
+    with pytest.raises(ValueError, match="kind='greedy'"):
+        EnsembleRule.from_dict({"kind": "greedy"})

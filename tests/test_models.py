@@ -142,3 +142,41 @@ def test_models_cli_says_where_each_weights_file_goes(tmp_path, monkeypatch):
     # and create_model takes the present (non-DEFAULT) version offline
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     create_model("mobilenet_v2", 3, pretrained="imagenet")
+
+
+def test_weights_version_is_chosen_by_config_and_the_paper_recipes_take_v1(tmp_path, monkeypatch):
+    """model.weights=IMAGENET1K_V1 loads exactly V1 even when DEFAULT (V2) is present, auto loads
+    DEFAULT; a missing V1 is named, never replaced by V2; the wang recipes ask for V1."""
+    import torchvision
+    from torchvision.models import ResNet50_Weights
+
+    from mlic_dist.config import load_config
+    from mlic_dist.models import ModelError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    v1, v2 = hub_checkpoint_path(ResNet50_Weights.IMAGENET1K_V1), hub_checkpoint_path(ResNet50_Weights.DEFAULT)
+    assert v1 != v2
+    v2.parent.mkdir(parents=True)
+    for path, fill in ((v1, 1.0), (v2, 2.0)):
+        sd = torchvision.models.resnet50(weights=None).state_dict()
+        sd["conv1.weight"].fill_(fill)
+        torch.save(sd, path)
+    v1_model = create_model("resnet50", 3, pretrained="imagenet", weights="IMAGENET1K_V1")
+    assert torch.all(v1_model.body.conv1.weight == 1.0)
+    assert torch.all(create_model("resnet50", 3, pretrained="imagenet").body.conv1.weight == 2.0)
+    v1.unlink()
+    assert missing_pretrained("resnet50", "imagenet", "IMAGENET1K_V1") == [str(v1)]
+    assert missing_pretrained("resnet50", "imagenet") == []
+    with pytest.raises(FileNotFoundError, match=v1.name):
+        create_model("resnet50", 3, pretrained="imagenet", weights="IMAGENET1K_V1")
+    with pytest.raises(ModelError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        create_model("resnet101", 3, pretrained="imagenet", weights="IMAGENET1K_V9")
+    # the paper's recipes: V1 for ResNet-101 and VGG16, the file names docs/weights.md lists
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for cfg_file in ("voc2007/wang.yaml", "coco2014/wang.yaml", "nuswide/wang.yaml"):
+        assert load_config(root / cfg_file).model.weights == "IMAGENET1K_V1", cfg_file
+    names = {b: Path(missing_pretrained(b, "imagenet", "IMAGENET1K_V1")[0]).name for b in ("resnet101", "vgg16")}
+    assert names == {"resnet101": "resnet101-63fe2227.pth", "vgg16": "vgg16-397923af.pth"}
+    docs = (root.parent / "docs" / "weights.md").read_text()
+    assert all(n in docs for n in names.values()) and "resnet101-cd907fc2.pth" in docs
+    assert load_config(root / "voc2007/wang.yaml", ["model.weights=IMAGENET1K_V2"]).model.weights == "IMAGENET1K_V2"

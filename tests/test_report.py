@@ -81,7 +81,7 @@ def test_ensemble_table_compares_with_the_single_best_chosen_on_validation(train
         assert float(r["final_val_mAP"]) == pytest.approx(e.metrics["val"]["mAP"])
         assert r["beats_single_best"] == ("yes" if e.metrics["test"]["mAP"] > base else "no")
         assert float(r["delta_test_mAP"]) == pytest.approx(e.metrics["test"]["mAP"] - base)
-    assert {"ScaleEn (tiny_cnn, M1)", "DistrEn (tiny_cnn, 32 px)"} <= {r["method"] for r in rows}
+    assert {"ScaleEn (tiny_cnn, M1: 32/40 px)", "DistrEn (tiny_cnn, 32 px: M1 + M2)"} <= {r["method"] for r in rows}
 
 
 def test_calibration_tables_and_plots(trained, built):
@@ -144,7 +144,7 @@ def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
                             str(tmp_path / "rep"), "--tracking-uri", server.uri], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert "ScaleEn (tiny_cnn, M1)" in p.stdout and built.name in p.stdout   # the printed table
+        assert "ScaleEn (tiny_cnn, M1: 32/40 px)" in p.stdout and built.name in p.stdout   # the printed table
         client = MlflowClient(server.uri)
         runs = client.search_runs([client.get_experiment_by_name("http").experiment_id])
         kinds = sorted(r.data.tags.get("mlic.kind", "single") for r in runs)

@@ -145,12 +145,36 @@ def write_classes(path: Path, classes) -> Path:
 def test_voc_keeps_difficult_as_ignore(tmp_path):
     exp = make_voc(tmp_path / "voc", bad=True)
     m = shard("voc", tmp_path / "voc", tmp_path / "out", samples_per_shard=5,
-              classes_file=write_classes(tmp_path / "voc.txt", VOC_CLASSES),
+              classes_file=write_classes(tmp_path / "voc.txt", VOC_CLASSES), voc_val="official",
               max_reject_fraction=0.5, **QUIET)   # with --classes, "unicorn" is an unknown class
     verify_shards(tmp_path / "out", exp)
     assert set(m["splits"]) == {"train", "val", "test"} and m["val_carved"] is None
     only_difficult = [k for k, v in exp.labels.items() if v[11] == -1 and (v != -1).sum() == 19]
     assert only_difficult and m["splits"]["train"]["label_counts"]["dog"]["ignore"] >= 1
+
+
+def test_voc_carves_val_from_trainval_by_default_and_keeps_the_official_split_on_request(tmp_path):
+    """The paper's protocol: train.txt + val.txt are one trainval split, val carved from it
+    (stratified); --voc-val official keeps the devkit's val."""
+    exp = make_voc(tmp_path / "voc", n_train=24, n_val=12, n_test=4)
+    exp = exp.reindex(sorted(exp.names))
+    official_val = {k for k, s in exp.splits.items() if s == "val"}
+    for k, s in list(exp.splits.items()):
+        if s in ("train", "val"):
+            exp.splits[k] = None          # either: the carve decides
+    m = shard("voc", tmp_path / "voc", tmp_path / "carve", val_fraction=0.25, **QUIET)
+    verify_shards(tmp_path / "carve", exp)
+    carved_val = set((tmp_path / "carve" / "val-keys.txt").read_text().split())
+    n_trainval = sum(s is None for s in exp.splits.values())
+    assert m["val_carved"]["train_samples"] + len(carved_val) == n_trainval
+    assert len(carved_val) == round(0.25 * n_trainval)
+    assert carved_val != official_val and any("trainval" in n for n in m["source_notes"])
+    m = shard("voc", tmp_path / "voc", tmp_path / "official", voc_val="official", **QUIET)
+    assert m["val_carved"] is None
+    assert set((tmp_path / "official" / "val-keys.txt").read_text().split()) == official_val
+    (tmp_path / "voc" / "ImageSets/Main/val.txt").unlink()
+    with pytest.raises(SourceError, match="--voc-val official needs"):
+        shard("voc", tmp_path / "voc", tmp_path / "o2", voc_val="official", **QUIET)
 
 
 def test_voc_trainval_only_carves_stratified_val(tmp_path):

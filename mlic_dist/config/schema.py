@@ -7,6 +7,7 @@ MLflow logs them. Building one from YAML and overrides: mlic_dist/config/load.py
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -124,6 +125,8 @@ class ModelConfig:
     """A name in the model registry (`mlic_dist.models.list_models()`)."""
     pretrained: str = "imagenet"
     """imagenet (torchvision weights from the local torch hub cache) | none | PATH to a state dict."""
+    weights: str = "auto"
+    """ImageNet version for pretrained=imagenet: auto (DEFAULT if its file is present, else any present version), or a torchvision version name such as IMAGENET1K_V1 (the paper's recipes) or IMAGENET1K_V2; docs/weights.md lists the files."""
     dropout: float = 0.0
     """Dropout before the new classification head (advanced_cnn always uses 0.5)."""
     channels_last: bool = True
@@ -136,6 +139,9 @@ class ModelConfig:
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+        if self.weights != "auto" and not re.fullmatch(r"[A-Z][A-Z0-9_]*", str(self.weights)):
+            raise ConfigError(f"model.weights={self.weights!r} must be auto or a torchvision weights version "
+                              f"such as IMAGENET1K_V1 or IMAGENET1K_V2")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from ..tracking import derived, query as mq
 from ..tracking.store import resolve_uri
 from ..tracking.tracker import final_metrics
 from .members import AlignedSplit, EnsembleError, Member, align, check_weights, fuse, member_from_dir  # noqa: F401
-from .selection import VARY, Group, digest, find_groups, greedy_select
+from .selection import VARY, EnsembleRule, Group, digest, find_groups, greedy_select
 
 KINDS = ("scale", "distr", "greedy")
 ENSEMBLE_FORMAT_VERSION = 1
@@ -199,7 +199,10 @@ def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=N
            "members": [{"run_dir": str(m.run.path.resolve()), "run_id": m.run_id, "name": m.name,
                         "weight": float(wi), "val_mAP": v} for m, wi, v in zip(members, w, candidate_map)]}
     if group is not None:
-        doc["group"] = {"vary": group.vary, "config": json.loads(group.key)}
+        doc["group"] = {"vary": group.vary, "config": json.loads(group.key),
+                        "values": [m.flat_config.get(group.vary) for m in members]}
+        if group.rule is not None:
+            doc["group"]["rule"] = group.rule.to_dict()
     if greedy_doc is not None:
         doc["greedy"] = greedy_doc
     previous = None
@@ -240,15 +243,26 @@ def expand_kinds(select: Sequence[str]) -> list[str]:
     return kinds
 
 
-def build_ensembles(experiment: str, select: Sequence[str], tracking_uri: Optional[str],
+def _selections(select: Sequence) -> list:
+    """`select` in order, "all" expanded, repeated kinds once: kind names and EnsembleRules."""
+    out = []
+    for s in select:
+        for item in ([s] if isinstance(s, EnsembleRule) else expand_kinds([s])):
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def build_ensembles(experiment: str, select: Sequence, tracking_uri: Optional[str],
                     parent_run_id: Optional[str] = None, out_dir: Path = DEFAULT_OUT,
                     run_ids: Optional[list[str]] = None, greedy_init: int = 3,
                     greedy_steps: int = 20) -> list[rundir.RunDir]:
-    """Every ensemble of the `select`ed kinds among the FINISHED training runs of `experiment`
+    """Every ensemble of the `select`ed kinds (or `EnsembleRule`s: a ScaleEn / DistrEn of the runs
+    a rule names, e.g. the paper's Table 3) among the FINISHED training runs of `experiment`
     (all of them, those nested under `parent_run_id`, or exactly `run_ids`), each written under
     `out_dir` and logged in the experiment (nested under `parent_run_id` when given). Runs whose
     directory is not on this machine are skipped with a warning (an error for `run_ids`)."""
-    kinds = expand_kinds(select)
+    selections = _selections(select)
     check_dir(out_dir, "--out", EnsembleError)   # before querying MLflow and loading every run
     client = mq.connect(tracking_uri)
     runs = mq.finished_runs(client, experiment, None if run_ids else parent_run_id, run_ids)
@@ -268,16 +282,18 @@ def build_ensembles(experiment: str, select: Sequence[str], tracking_uri: Option
     # sweeps (parents) never share one.
     suffix = f"-{parent_run_id[:8]}" if parent_run_id else ""
     built = []
-    for kind in kinds:
+    for selection in selections:
+        rule = selection if isinstance(selection, EnsembleRule) else None
+        kind = rule.kind if rule is not None else selection
         if kind in VARY:
             groups = find_groups(members, kind, lambda m: m.flat_config, lambda m: m.start_time,
-                                 lambda m: m.label)
+                                 lambda m: m.label, rule=rule)
             jobs = [(g.items, g.name + suffix, g) for g in groups]
         else:
             jobs = [(part, f"greedy-{_safe(experiment)}-{fingerprint}{suffix}", None)
                     for fingerprint, part in _by_dataset(members).items() if len(part) >= 2]
         if not jobs:
-            print(f"{kind}: nothing to fuse among {len(members)} finished runs"
+            print(f"{rule.describe() if rule is not None else kind}: nothing to fuse among {len(members)} finished runs"
                   + (f" (no two differ only in {VARY[kind]})" if kind in VARY else " (fewer than 2)"))
         for items, name, group in jobs:
             built.append(build_ensemble(items, kind, name=name, out_dir=out_dir, target=target,

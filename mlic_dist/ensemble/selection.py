@@ -1,5 +1,6 @@
-"""Which runs an ensemble fuses: the paper's groups (ScaleEn, DistrEn) and greedy ensemble
-selection (Caruana et al., 2004). Pure functions on configs and validation score matrices;
+"""Which runs an ensemble fuses: the paper's groups (ScaleEn, DistrEn), optionally restricted by
+an `EnsembleRule` (a sweep file's `ensembles:` entry naming the members' augmentations, sizes and
+backbones, as in the paper's Table 3), and greedy ensemble selection (Caruana et al., 2004). Pure functions on configs and validation score matrices;
 `mlic_dist.ensemble` builds, writes and logs what they choose.
 
 Groups come from each run's recorded config (config.yaml, flattened to dotted keys), never from
@@ -52,25 +53,86 @@ class Group:
     key: str                  # group_key text
     items: list               # the members, ordered by the varied value
     vary: str                 # the dotted key that differs
+    rule: Optional["EnsembleRule"] = None    # the sweep file's entry that asked for it, if any
 
     @property
     def name(self) -> str:
-        """e.g. scale-resnet101-M3-seed0-1a2b3c (the digest tells apart groups that differ in
-        keys the name does not show, such as the learning rate)."""
+        """e.g. scale-resnet101-M3-seed0-1a2b3c, or ScaleEn-resnet101-M3-seed0-1a2b3c under a rule
+        named ScaleEn (the digest tells apart groups that differ in keys the name does not show,
+        such as the learning rate)."""
         cfg = json.loads(self.key)
         shown = cfg.get("data.augment") if self.kind == "scale" else f"{cfg.get('data.size')}px"
-        return f"{self.kind}-{cfg.get('model.backbone')}-{shown}-seed{cfg.get('seed')}-{digest(self.key)}"
+        prefix = (self.rule.name if self.rule is not None else "") or self.kind
+        return (f"{prefix}-{cfg.get('model.backbone')}-{shown}-seed{cfg.get('seed')}-"
+                f"{digest(self.key)}")
 
 
-def find_groups(items: Sequence, kind: str, flat_config: Callable, newest: Callable, label: Callable) -> list[Group]:
+@dataclass(frozen=True)
+class EnsembleRule:
+    """Which runs a ScaleEn / DistrEn takes: a sweep file's `ensembles:` entry such as
+    `{kind: scale, name: ScaleEn, where: {model.backbone: resnet101, data.augment: M1,
+    data.size: [384, 448, 512]}}` (the paper's Table 3). Only runs whose config has one of the
+    listed values for every `where` key are grouped (as always: equal but for VARY[kind]); when
+    `where` lists the varied key's values, a group must have all of them (a group that lost a
+    member is not the ensemble asked for: skipped, with a message)."""
+    kind: str                 # scale | distr
+    where: tuple = ()         # ((dotted key, (allowed values, ...)), ...)
+    name: str = ""            # the ensembles' name prefix (default: the kind)
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "EnsembleRule":
+        """From {"kind", "name"?, "where"?: {key: value or [values]}}; ValueError names the fault."""
+        unknown = sorted(set(entry) - {"kind", "name", "where"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in ensemble entry {entry}; use kind, name, where")
+        kind = entry.get("kind")
+        if kind not in VARY:
+            raise ValueError(f"ensemble entry {entry}: kind={kind!r} must be one of {sorted(VARY)} "
+                             "(greedy takes every run: write it as a plain `greedy`)")
+        where = entry.get("where") or {}
+        if not isinstance(where, dict):
+            raise ValueError(f"ensemble entry {entry}: where must map dotted config keys to a value or a list")
+        name = str(entry.get("name") or "")
+        if name and not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise ValueError(f"ensemble entry {entry}: name={name!r} may hold only letters, digits, - _ .")
+        return cls(kind, tuple((k, tuple(v) if isinstance(v, (list, tuple)) else (v,))
+                               for k, v in sorted(where.items())), name)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name,
+                "where": {k: list(v) if len(v) > 1 else v[0] for k, v in self.where}}
+
+    def describe(self) -> str:
+        cond = " ".join(f"{k}={'|'.join(map(str, v))}" for k, v in self.where)
+        return f"{self.name or self.kind}[{cond}]" if cond else (self.name or self.kind)
+
+    def matches(self, flat: dict) -> bool:
+        return all(k in flat and _same_value(flat[k], values) for k, values in self.where)
+
+    def complete(self, group: "Group", flat_config: Callable) -> bool:
+        wanted = dict(self.where).get(VARY[self.kind])
+        if wanted is None:
+            return True
+        have = [flat_config(i)[VARY[self.kind]] for i in group.items]
+        return len(have) == len(wanted) and all(_same_value(h, wanted) for h in have)
+
+
+def _same_value(value, allowed: tuple) -> bool:
+    """`value` is one of `allowed` (YAML 512 and a recorded "512" are one size)."""
+    return any(value == a or str(value) == str(a) for a in allowed)
+
+
+def find_groups(items: Sequence, kind: str, flat_config: Callable, newest: Callable, label: Callable,
+                rule: Optional[EnsembleRule] = None) -> list[Group]:
     """Groups of `items` (anything: flat_config(item) -> dotted dict) whose configs differ only
     in VARY[kind], with at least two distinct values of it. Two runs with the same value (a rerun)
-    are one model: the newest is kept (newest(item) -> sortable), the other skipped with a warning."""
+    are one model: the newest is kept (newest(item) -> sortable), the other skipped with a warning.
+    With a `rule`, only the runs it matches, and only groups that are complete under it."""
     vary = VARY[kind]
     by_key: dict[str, dict] = {}
     for item in items:
         flat = flat_config(item)
-        if vary not in flat:
+        if vary not in flat or (rule is not None and not rule.matches(flat)):
             continue
         slot = by_key.setdefault(group_key(flat, vary), {})
         value = flat[vary]
@@ -84,7 +146,12 @@ def find_groups(items: Sequence, kind: str, flat_config: Callable, newest: Calla
     for key, slot in by_key.items():
         if len(slot) >= 2:
             ordered = [slot[v] for v in sorted(slot, key=lambda v: (str(type(v)), v))]
-            groups.append(Group(kind, key, ordered, vary))
+            group = Group(kind, key, ordered, vary, rule)
+            if rule is not None and not rule.complete(group, flat_config):
+                print(f"{rule.describe()}: {group.name} skipped: it has {vary} = "
+                      f"{sorted(slot, key=str)}, the rule asks for {list(dict(rule.where)[vary])}")
+                continue
+            groups.append(group)
     return sorted(groups, key=lambda g: g.name)
 
 

@@ -178,8 +178,16 @@ def _ensemble_group(e: Entry) -> tuple[str, str]:
     if kind in ("scale", "distr") and "group" in doc:
         cfg = {k: v for k, v in doc["group"]["config"].items() if k != "seed"}
         shown = cfg.get("data.augment") if kind == "scale" else f"{cfg.get('data.size')} px"
-        return (kind, json.dumps(cfg, sort_keys=True)), f"{ENSEMBLE_TITLES[kind]} ({cfg.get('model.backbone')}, {shown})"
+        values = doc["group"].get("values")   # the members' sizes / augmentations (older files: absent)
+        if values:
+            shown += (f": {'/'.join(map(str, values))} px" if kind == "scale" else f": {' + '.join(map(str, values))}")
+        key = (kind, json.dumps(cfg, sort_keys=True), json.dumps(values, default=str))
+        return key, f"{ENSEMBLE_TITLES[kind]} ({cfg.get('model.backbone')}, {shown})"
     return (kind, e.name), f"{ENSEMBLE_TITLES.get(kind, kind)}: {e.name}"
+
+
+def _ensemble_row(members: Sequence[Entry]) -> bool:
+    return bool(members) and members[0].is_ensemble
 
 
 def best_single_key(groups: dict[str, list[Entry]]) -> str:
@@ -208,7 +216,11 @@ def ensemble_table(entries: Sequence[Entry], split: str) -> list[dict]:
     table = []
     for i, (label, members, size) in enumerate(rows):
         test = Stat([value(m, split) for m in members])
-        row = {"method": label, "runs": ", ".join(m.name for m in members), "members": size, "n": len(members),
+        row = {"method": label, "runs": ", ".join(m.name for m in members), "members": size,
+               "member runs": "; ".join(", ".join(x.get("name") or Path(x["run_dir"]).name
+                                                  for x in m.run.ensemble.get("members", []))
+                                        for m in members) if _ensemble_row(members) else "",
+               "n": len(members),
                "val mAP": Stat([value(m, "val") for m in members]), f"{split} mAP": test,
                f"Δ {split} mAP": Stat([v - base for v in test.values])}
         row["beats single best"] = "" if not groups or i == 0 else ("yes" if test.mean > base else "no")

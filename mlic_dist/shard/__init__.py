@@ -6,6 +6,8 @@ CPU only (no GPU involved); 2 processes shown, any N gives byte-identical tars:
         --split test=annotations/instances_val2014.json --out shards/coco2014
     python -m mlic_dist.shard nuswide NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
     python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine
+    python -m mlic_dist.shard csv     VOC2007/trainval.csv --split test=VOC2007/classification_test.csv \
+        --images VOCdevkit/VOC2007/JPEGImages --csv-values voc --out shards/voc2007
     python -m mlic_dist.shard verify  shards/mine --decode    # every file and image checked
 Python: `shard("csv", "labels.csv", "out/", images="photos/", workers=2)` returns the manifest.
 
@@ -52,6 +54,7 @@ def shard(kind: str, root, out, *, splits: Optional[dict] = None,
           shard_size_mb: float = 256.0, samples_per_shard: int = 0, max_side: int = 0,
           quality: int = 90, workers: int = 1, max_reject_fraction: float = 0.05,
           overwrite: bool = False, progress: bool = True, verbose: bool = True,
+          csv_values: str = "default", header: bool = True, voc_val: str = "carve",
           args: Optional[dict] = None) -> dict:
     """Read `root` as `kind`, carve val if needed, write shards to `out`; return the manifest.
 
@@ -71,14 +74,21 @@ def shard(kind: str, root, out, *, splits: Optional[dict] = None,
             raise SourceError(f"--classes applies to csv and voc; {kind} takes its classes from the "
                               "dataset's own list: drop --classes")
         classes = read_classes_file(classes_file)
+    if kind != "csv" and (csv_values != "default" or not header):
+        raise SourceError(f"--csv-values and --no-header apply to csv files; {kind} has its own format: "
+                          "drop them")
+    if kind != "voc" and voc_val != "carve":
+        raise SourceError(f"--voc-val applies to voc; drop it for {kind}")
     ds = read_source(kind, Path(root), splits=splits, images_dir=images_dir, images=images,
-                     path_column=path_column, classes=classes, keep_empty=keep_empty)
+                     path_column=path_column, classes=classes, keep_empty=keep_empty,
+                     csv_values=csv_values, header=header, voc_val=voc_val)
     carved = carve_val_split(ds, val_fraction, seed)
     if args is None:
         args = {"kind": kind, "root": str(root), "splits": splits, "images_dir": images_dir,
                 "images": None if images is None else str(images), "path_column": path_column,
                 "classes_file": None if classes_file is None else str(classes_file),
-                "keep_empty": keep_empty, "val_fraction": val_fraction}
+                "keep_empty": keep_empty, "val_fraction": val_fraction, "csv_values": csv_values,
+                "header": header, "voc_val": voc_val}
         args.update(options_dict(opts))
     manifest = write_shards(ds, opts, args, carved)
     if verbose:

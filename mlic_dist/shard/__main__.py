@@ -10,6 +10,11 @@ Examples (CPU only; --workers N processes decode/re-encode, the output is identi
         --split val=valid/_annotations.coco.json --out shards/rf
     python -m mlic_dist.shard nuswide data/NUS-WIDE --out shards/nuswide --max-reject-fraction 0.5
     python -m mlic_dist.shard csv     labels.csv --images photos/ --out shards/mine --max-side 512
+    python -m mlic_dist.shard csv     VOC2007/trainval.csv --split test=VOC2007/classification_test.csv \
+        --images VOCdevkit/VOC2007/JPEGImages --csv-values voc --out data/shards/voc2007
+    python -m mlic_dist.shard csv     MSCOCO/trainAnnotation.csv --split test=MSCOCO/testAnnotation.csv \
+        --no-header --classes coco80.txt --images COCO/train2014 --images-dir test=COCO/val2014 \
+        --out data/shards/coco2014
     python -m mlic_dist.shard verify  shards/voc2007 --decode      # exit 0 clean, 1 bad, 2 usage
 
 User errors (bad input files, bad options, too many rejects) print one `error: ...` line and exit
@@ -47,15 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     src = p.add_argument_group("input")
     src.add_argument("--split", action="append", type=_pairs("--split"), default=[],
-                     metavar="SPLIT=ANN.json", help="coco: annotation file per split (repeat)")
+                     metavar="SPLIT=FILE", help="coco: annotation JSON per split; csv: a CSV whose "
+                     "rows are all SPLIT, beside the positional one (repeat)")
     src.add_argument("--images-dir", action="append", type=_pairs("--images-dir"), default=[],
-                     metavar="[SPLIT=]DIR", help="coco/nuswide: image folder override (repeat; coco "
-                     "default: the folder that holds the first file_names, see sources.py)")
+                     metavar="[SPLIT=]DIR", help="coco/nuswide/csv: image folder override (repeat; coco "
+                     "default: the folder that holds the first file_names, see sources.py; csv "
+                     "default: --images)")
     src.add_argument("--images", help="csv: folder the image paths are relative to "
                      "(default: the CSV's folder)")
     src.add_argument("--path-column", help="csv: image path column (default: first of "
-                     "image/path/filename)")
-    src.add_argument("--classes", dest="classes_file", help="csv with a 'labels' column, and voc: "
+                     "image/path/filename/name); a path without extension finds ID.jpg/.jpeg/.png")
+    src.add_argument("--csv-values", choices=["default", "voc"], default="default",
+                     help="csv class columns: default = 1 positive / 0 negative / -1 ignore; voc = "
+                     "1 positive / -1 negative / 0 difficult (-> ignore), the VOC2007 CSVs of Wang et "
+                     "al.; a file contradicting the choice is refused")
+    src.add_argument("--no-header", dest="header", action="store_false",
+                     help="csv without a header row: the image, then one column per class in "
+                     "--classes FILE's order (the MS-COCO CSVs of Wang et al.)")
+    src.add_argument("--classes", dest="classes_file", help="csv with a 'labels' column or --no-header, and voc: "
                      "class names one per line, in order; names not in it are rejected as "
                      "'unknown class' (default: sorted union of the names found)")
     src.add_argument("--keep-empty", action="store_true",
@@ -64,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--val-fraction", type=float, default=0.1,
                     help="share of train carved (stratified) into val when there is no val split")
     sp.add_argument("--seed", type=int, default=0, help="val carve and train shuffle seed")
+    sp.add_argument("--voc-val", choices=["carve", "official"], default="carve",
+                    help="voc: carve = train on trainval with val carved from it (the paper's "
+                    "protocol, default); official = the devkit's train.txt / val.txt")
     out = p.add_argument_group("output")
     out.add_argument("--shard-size", dest="shard_size_mb", type=float, default=256.0,
                      help="target tar size in MB")
@@ -107,7 +124,8 @@ def main(argv=None) -> int:
               seed=a.seed, shard_size_mb=a.shard_size_mb, samples_per_shard=a.samples_per_shard,
               max_side=a.max_side, quality=a.quality, workers=a.workers,
               max_reject_fraction=a.max_reject_fraction, overwrite=a.overwrite,
-              progress=a.progress, args=args)
+              progress=a.progress, csv_values=a.csv_values, header=a.header, voc_val=a.voc_val,
+              args=args)
     except (ValueError, OSError) as e:   # a bad option value (ShardOptions), an unreadable/unwritable path
         if isinstance(e, UserError):
             raise

@@ -7,9 +7,10 @@ not opened here: decoding is the writer's job, in worker processes.
 
 Accepted layouts (ROOT is the positional argument of `python -m mlic_dist.shard KIND ROOT`):
 - voc:     ROOT/Annotations/ID.xml, ROOT/JPEGImages/ID.jpg (or the XML's <filename>, or ID.jpeg /
-           ID.png), ROOT/ImageSets/Main/{train,val,test}.txt (or trainval.txt instead of
-           train+val; or default.txt, as CVAT exports a task without subsets; or no lists at all:
-           every Annotations/*.xml is train). Classes = `--classes FILE`, else the sorted union of
+           ID.png), ROOT/ImageSets/Main/{trainval,test}.txt (or train.txt + val.txt, read together
+           as trainval; or default.txt, as CVAT exports a task without subsets; or no lists at
+           all: every Annotations/*.xml is train). Val is carved from trainval (the paper's
+           protocol); `--voc-val official` keeps train.txt / val.txt as train / val instead. Classes = `--classes FILE`, else the sorted union of
            the object names found (for VOC2007/2012 exactly the official 20-class order), so
            labeling-tool exports with their own names work. A class seen only on "difficult"
            objects is -1.
@@ -22,18 +23,14 @@ Accepted layouts (ROOT is the positional argument of `python -m mlic_dist.shard 
            ROOT/ConceptsList/Concepts81.txt (or ROOT/Concepts81.txt),
            ROOT/Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt (one 0/1 a line,
            aligned with the image list), images in ROOT/Flickr/<list entry> (or `--images-dir`).
-- csv:     a path column (`--path-column`, else the first of image/path/filename) relative to
-           `--images`, then either a `labels` column (class names joined by `|`; classes = sorted
-           union of names, or `--classes FILE`) or one column per class holding 1/0/-1; an optional
-           `split` column (train/val/test; without it every row is train). An optional `key`
-           column overrides the key derived from the path.
+- csv:     a CSV (or one per split) of image paths and labels; mlic_dist/shard/csv_source.py
+           describes the columns, `--no-header`, `--csv-values` and `--split NAME=FILE`.
 Unknown class names are *rejects* (counted, reason "unknown class"), not errors, so one typo does
 not kill a long run; many of them trip --max-reject-fraction. Malformed files are errors that name
 the file and line.
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -42,6 +39,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .csv_source import read_csv
 from .records import SPLITS, Item, Reject, SourceDataset, SourceError, collect
 
 # VOC2007/2012's classes: also the sorted union of their object names, which read_voc uses
@@ -76,19 +74,36 @@ def _split_map(spec: Optional[dict], what: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # VOC
 
-def _voc_lists(root: Path) -> tuple[dict, list[str]]:
-    """{split: [image ids]} from ImageSets/Main, and notes on what was assumed."""
+VOC_VAL = ("carve", "official")   # --voc-val: how a VOC tree gets its validation split
+
+
+def _voc_lists(root: Path, voc_val: str = "carve") -> tuple[dict, list[str]]:
+    """{split: [image ids]} from ImageSets/Main, and notes on what was assumed.
+
+    voc_val "carve" (the paper's protocol, the default): train on trainval (trainval.txt, else
+    train.txt + val.txt merged); the caller carves val out of it by iterative stratification.
+    "official": train.txt as train and val.txt as val, as the VOC devkit splits them."""
     main = root / "ImageSets" / "Main"
     lists = {s: main / f"{s}.txt" for s in ("train", "val", "test", "trainval", "default")}
     notes = []
-    if lists["train"].is_file() and lists["val"].is_file():
-        use = {"train": lists["train"], "val": lists["val"]}
+    if voc_val not in VOC_VAL:
+        raise SourceError(f"--voc-val {voc_val!r}: choose one of {list(VOC_VAL)}")
+    if voc_val == "official":
+        if not (lists["train"].is_file() and lists["val"].is_file()):
+            raise SourceError(f"--voc-val official needs {lists['train']} and {lists['val']}; drop "
+                              "--voc-val to carve val out of trainval")
+        use = {"train": [lists["train"]], "val": [lists["val"]]}
+        notes.append("official VOC split (--voc-val official): train.txt as train, val.txt as val")
     elif lists["trainval"].is_file():
-        use = {"train": lists["trainval"]}  # val is carved from it later (stratified)
+        use = {"train": [lists["trainval"]]}  # val is carved from it later (stratified)
+    elif lists["train"].is_file() and lists["val"].is_file():
+        use = {"train": [lists["train"], lists["val"]]}
+        notes.append("train.txt + val.txt read together as train (trainval), val carved from it; "
+                     "--voc-val official keeps the official split")
     elif lists["train"].is_file():
-        use = {"train": lists["train"]}
+        use = {"train": [lists["train"]]}
     elif lists["default"].is_file():    # CVAT's "Pascal VOC" export of a task without subsets
-        use = {"train": lists["default"]}
+        use = {"train": [lists["default"]]}
         notes.append(f"{lists['default']} read as the train split")
     elif sorted((root / "Annotations").glob("*.xml")):
         ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
@@ -99,13 +114,14 @@ def _voc_lists(root: Path) -> tuple[dict, list[str]]:
                           "ROOT/Annotations/*.xml (VOC layout: ROOT/ImageSets/Main, ROOT/Annotations, "
                           "ROOT/JPEGImages)")
     if lists["test"].is_file():
-        use["test"] = lists["test"]
-    return {split: [ln.split()[0] for ln in _read_lines(lst) if ln] for split, lst in use.items()}, notes
+        use["test"] = [lists["test"]]
+    return {split: [ln.split()[0] for lst in files for ln in _read_lines(lst) if ln]
+            for split, files in use.items()}, notes
 
 
 def read_voc(root: Path, classes: Optional[list[str]] = None, keep_empty: bool = False,
-             **_) -> SourceDataset:
-    ids, notes = _voc_lists(root)
+             voc_val: str = "carve", **_) -> SourceDataset:
+    ids, notes = _voc_lists(root, voc_val)
     parsed = [(split, img_id, _voc_objects(root, img_id, split))
               for split, lst in ids.items() for img_id in lst]
     if classes is None:   # VOC2007/2012: the sorted union is exactly VOC_CLASSES
@@ -312,96 +328,6 @@ def read_nuswide(root: Path, images_dir: Optional[dict] = None, keep_empty: bool
                 yield Item(rel.rsplit(".", 1)[0], image, _rel(image, root), lab, split)
 
     return collect("nuswide", root, classes, entries(), keep_empty)
-
-
-# --------------------------------------------------------------------------------------------
-# CSV
-
-def read_csv(csv_file: Path, images: Optional[Path] = None, path_column: Optional[str] = None,
-             classes: Optional[list[str]] = None, keep_empty: bool = False, **_) -> SourceDataset:
-    csv_file = Path(csv_file)
-    root = Path(images) if images else csv_file.parent
-    if not csv_file.is_file():
-        raise SourceError(f"{csv_file}: CSV file not found")
-    with open(csv_file, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise SourceError(f"{csv_file}: empty file; expected a header row") from None
-        except csv.Error as e:
-            raise SourceError(f"{csv_file}:1: malformed CSV ({e})") from None
-        rows = []
-        try:
-            for row in reader:
-                if not row or all(not v.strip() for v in row):
-                    continue
-                if len(row) != len(header):
-                    raise SourceError(f"{csv_file}:{reader.line_num}: {len(row)} fields, header has "
-                                      f"{len(header)}; quote fields that contain commas")
-                rows.append((reader.line_num, [v.strip() for v in row]))
-        except csv.Error as e:
-            raise SourceError(f"{csv_file}:{reader.line_num}: malformed CSV ({e})") from None
-    col = {h: i for i, h in enumerate(header)}
-    if path_column is None:
-        path_column = next((c for c in ("image", "path", "filename") if c in col), None)
-        if path_column is None:
-            raise SourceError(f"{csv_file}: no image/path/filename column in header {header}; "
-                              "pass --path-column NAME")
-    elif path_column not in col:
-        raise SourceError(f"{csv_file}: --path-column {path_column!r} not in header {header}")
-    special = {path_column, "split", "key"}
-    multi_hot = "labels" not in col
-    classes_from = "file" if classes is not None else "data"
-    if multi_hot:
-        classes_from = "dataset"   # the header's class columns
-        names = [h for h in header if h not in special]
-        if classes is not None and list(classes) != names:
-            raise SourceError(f"{csv_file}: --classes {list(classes)} differ from the class "
-                              f"columns {names}")
-        classes = names
-        if not classes:
-            raise SourceError(f"{csv_file}: no label columns; add a 'labels' column (names joined "
-                              "by '|') or one 0/1/-1 column per class")
-    elif classes is None:
-        classes = sorted({n.strip() for _, r in rows for n in r[col["labels"]].split("|")
-                          if n.strip()})
-    index = {c: i for i, c in enumerate(classes)}
-
-    def entries():
-        for line, r in rows:
-            rel = r[col[path_column]]
-            if not rel:
-                raise SourceError(f"{csv_file}:{line}: empty {path_column!r}")
-            split = r[col["split"]] if "split" in col else "train"
-            if split not in SPLITS:
-                raise SourceError(f"{csv_file}:{line}: split {split!r} is not one of {list(SPLITS)}")
-            image = Path(rel) if Path(rel).is_absolute() else root / rel
-            raw_key = r[col["key"]] if "key" in col and r[col["key"]] else rel.rsplit(".", 1)[0]
-            labels = np.zeros(len(classes), np.int8)
-            if multi_hot:
-                for c, name in enumerate(classes):
-                    v = r[col[name]]
-                    if v not in ("0", "1", "-1"):
-                        raise SourceError(f"{csv_file}:{line}: column {name!r} = {v!r}; "
-                                          "expected 1, 0 or -1 (ignore)")
-                    labels[c] = int(v)
-            else:
-                unknown = None
-                for n in (n.strip() for n in r[col["labels"]].split("|")):
-                    if not n:
-                        continue
-                    if n not in index:
-                        unknown = n
-                        break
-                    labels[index[n]] = 1
-                if unknown is not None:
-                    yield Reject(raw_key, _rel(image, root), "unknown class", split,
-                                 f"{csv_file}:{line}: {unknown!r} not in --classes")
-                    continue
-            yield Item(raw_key, image, _rel(image, root), labels, split)
-
-    return collect("csv", root, classes, entries(), keep_empty, classes_from)
 
 
 READERS = {"voc": read_voc, "coco": read_coco, "nuswide": read_nuswide, "csv": read_csv}

@@ -155,7 +155,7 @@ def plan(spec: SweepSpec, n_trials: int, resources: dict) -> Plan:
     return Plan(s.workers_per_trial, s.cpus_per_worker, gpus, driver, k, dict(resources))
 
 
-def _probe(shards_dirs: list[str], weights: list[tuple[str, str]], probe_dir: str, token: str) -> dict:
+def _probe(shards_dirs: list[str], weights: list[tuple[str, str, str]], probe_dir: str, token: str) -> dict:
     """Runs once on every node: which shard manifests and pretrained weight files it cannot
     read (computed here: TORCH_HOME and mounts differ per node), and a probe file written under
     SWEEP.root that the sweep's machine must see (else that storage is not shared)."""
@@ -163,7 +163,7 @@ def _probe(shards_dirs: list[str], weights: list[tuple[str, str]], probe_dir: st
 
     node = ray.get_runtime_context().get_node_id()
     missing = [d for d in shards_dirs if not (Path(d) / "manifest.json").is_file()]
-    no_weights = [(b, p, f) for b, p in weights for f in missing_pretrained(b, p)]
+    no_weights = [(b, p, f) for b, p, w in weights for f in missing_pretrained(b, p, w)]
     error = ""
     try:
         Path(probe_dir).mkdir(parents=True, exist_ok=True)

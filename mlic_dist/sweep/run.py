@@ -36,7 +36,7 @@ from ..tracking.tracker import Tracker
 from .cluster import check_nodes, connect, plan
 from .reaper import reap_on_death
 from .results import experiment_id, outcomes, settle_trial_runs, table, ui_hint
-from .spec import SweepError, SweepSpec, check_shards, check_weights, describe_resources, dump
+from .spec import SweepError, SweepSpec, check_shards, check_weights, describe_resources, dump, ensemble_names
 from .state import check_state, stop_stale_server, write_state
 from .tune import TrialContext, make_releaser, make_stop_recorder, make_tuner
 
@@ -212,7 +212,7 @@ def _ensembles_and_report(spec, base, tracking_uri, parent_id, finished, out) ->
 def _ensembles(spec, experiment, tracking_uri, parent_id, finished, out) -> None:
     built = build_ensembles(experiment, list(spec.ensembles), tracking_uri, parent_run_id=parent_id,
                             out_dir=spec.root_dir / "ensembles", run_ids=finished)
-    print(f"ensembles: {len(built)} built from {len(finished)} finished trials ({', '.join(spec.ensembles)}), "
+    print(f"ensembles: {len(built)} built from {len(finished)} finished trials ({', '.join(ensemble_names(spec.ensembles))}), "
           f"under {spec.root_dir / 'ensembles'}", file=out)
 
 
@@ -239,7 +239,7 @@ def _parent_params(spec: SweepSpec) -> dict:
     """The grid (as lists), the sweep settings, the ensembles and the base keys nobody sweeps."""
     params = {f"grid.{k}": json.dumps(v) for k, v in spec.grid.items()}
     params.update({f"sweep.{k}": v for k, v in spec.to_dict()["sweep"].items()})
-    params["ensembles"] = ",".join(spec.ensembles)
+    params["ensembles"] = ",".join(ensemble_names(spec.ensembles))
     skip = set(spec.grid) | {"train.output_dir", "tracking.run_name", "tracking.parent_run_id"}
     params.update({k: v for k, v in flatten(spec.base).items() if k not in skip})
     return params
@@ -267,4 +267,4 @@ def _print_dry_run(spec: SweepSpec, trials, out) -> None:
         print(f"  {t.name}: {c.model.backbone} {c.data.size}px {c.data.augment}, {c.train.epochs} epochs -> "
               f"{t.output_dir}", file=out)
     if spec.ensembles:
-        print(f"then ensembles {', '.join(spec.ensembles)} of the finished trials", file=out)
+        print(f"then ensembles {', '.join(ensemble_names(spec.ensembles))} of the finished trials", file=out)

@@ -35,6 +35,7 @@ import yaml
 
 from ..config import Config, ConfigError, apply_overrides, build, config_from_dict, flatten, read_yaml, to_dict
 from ..data import read_manifest
+from ..ensemble.selection import EnsembleRule
 from ..errors import UserError
 from ..models import list_models, missing_pretrained
 from ..train.optim import check_batch_policy
@@ -156,7 +157,7 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         """What sweep.yaml / sweep.json record: enough to check a --resume is the same sweep."""
-        return {"base": self.base, "grid": self.grid, "ensembles": list(self.ensembles),
+        return {"base": self.base, "grid": self.grid, "ensembles": ensemble_names(self.ensembles, dicts=True),
                 "sweep": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)}}
 
     def _where(self) -> str:
@@ -288,6 +289,7 @@ def build_spec(base: dict, grid, ensembles, settings: dict, source: Optional[str
         raise SweepError(f"{where}: two grid points share the trial name {dup!r} (their values differ only in "
                          f"characters a directory name cannot hold); make the values distinct")
     _check_models(where, trials)
+    _check_rules_match(where, ensembles, trials)
     _check_batches(where, trials, settings_obj.workers_per_trial)
     return spec
 
@@ -333,13 +335,49 @@ def _check_key(where: str, section: str, key: str) -> None:
 
 
 def _check_ensembles(where: str, ensembles) -> tuple:
+    """A tuple of kind names and EnsembleRules (a mapping {kind, name, where} in the file)."""
     if ensembles is None:
         return ()
     if isinstance(ensembles, str):
         ensembles = [ensembles]
-    if not isinstance(ensembles, list) or any(e not in ENSEMBLE_KINDS for e in ensembles):
-        raise SweepError(f"{where}: ensembles={ensembles!r} is not valid; use a list of {list(ENSEMBLE_KINDS)}")
-    return tuple(ensembles)
+    if not isinstance(ensembles, list):
+        raise SweepError(f"{where}: ensembles={ensembles!r} is not valid; use a list of {list(ENSEMBLE_KINDS)} "
+                         "or {kind, name, where} entries")
+    out = []
+    for i, e in enumerate(ensembles):
+        if isinstance(e, dict):
+            try:
+                rule = EnsembleRule.from_dict(e)
+            except ValueError as err:
+                raise SweepError(f"{where}: ensembles[{i}]: {err}") from None
+            for key, _ in rule.where:
+                _check_key(where, f"ensembles[{i}].where", key)
+            out.append(rule)
+        elif e in ENSEMBLE_KINDS:
+            out.append(e)
+        else:
+            raise SweepError(f"{where}: ensembles[{i}]={e!r} is not valid; use one of {list(ENSEMBLE_KINDS)} "
+                             "or a {kind: scale|distr, name: NAME, where: {KEY: VALUE or [VALUES]}} entry")
+    return tuple(out)
+
+
+def _check_rules_match(where: str, ensembles: tuple, trials) -> None:
+    """Every value an ensemble rule names occurs in some trial (else a typo builds nothing)."""
+    flats = [flatten(to_dict(t.cfg)) for t in trials]
+    for i, rule in enumerate(ensembles):
+        if not isinstance(rule, EnsembleRule):
+            continue
+        for key, values in rule.where:
+            seen = {str(f.get(key)) for f in flats}
+            missing = [v for v in values if str(v) not in seen]
+            if missing:
+                raise SweepError(f"{where}: ensembles[{i}] ({rule.describe()}): {key}={missing} matches no trial "
+                                 f"(the trials have {sorted(seen)}); fix the value or the grid")
+
+
+def ensemble_names(ensembles, dicts: bool = False) -> list:
+    """The entries as text (logs, MLflow params) or, with dicts, as the file's mappings."""
+    return [e if isinstance(e, str) else (e.to_dict() if dicts else e.describe()) for e in ensembles]
 
 
 def _check_base(where: str, base: dict) -> None:
@@ -419,17 +457,17 @@ def check_shards(spec: SweepSpec) -> list[str]:
     return list(seen)
 
 
-def pretrained_needed(spec: SweepSpec) -> list[tuple[str, str]]:
-    """The distinct (model.backbone, model.pretrained) of the trials that load weights."""
-    pairs = {(t.cfg.model.backbone, t.cfg.model.pretrained) for t in spec.trials()}
-    return sorted(p for p in pairs if p[1] != "none")
+def pretrained_needed(spec: SweepSpec) -> list[tuple[str, str, str]]:
+    """The distinct (model.backbone, model.pretrained, model.weights) of the trials that load weights."""
+    triples = {(t.cfg.model.backbone, t.cfg.model.pretrained, t.cfg.model.weights) for t in spec.trials()}
+    return sorted(p for p in triples if p[1] != "none")
 
 
 def check_weights(spec: SweepSpec) -> None:
     """This machine has every pretrained weight file the grid needs (a sweep without --address
     trains here); one SweepError listing each missing file and the fix."""
-    lines = [f"{path} (model.backbone={b} model.pretrained={p})"
-             for b, p in pretrained_needed(spec) for path in missing_pretrained(b, p)]
+    lines = [f"{path} (model.backbone={b} model.pretrained={p} model.weights={w})"
+             for b, p, w in pretrained_needed(spec) for path in missing_pretrained(b, p, w)]
     if lines:
         raise SweepError(f"{spec._where()}: pre-flight: {len(lines)} pretrained weight file(s) missing, nothing "
                          f"started:\n  " + "\n  ".join(lines) + "\nfix: copy each file there "
