@@ -234,10 +234,13 @@ def build_run(cfg: Config) -> Run:
 # --------------------------------------------------------------------------- epoch loop
 
 
-def _optimizer_step(run: Run, warmup: optim.Warmup) -> bool:
-    """Clip, check, step. Returns False when the step was skipped: non-finite gradients (bf16 /
-    fp32: checked here on the all-reduced gradients, so every rank decides alike) or the fp16
-    loss scaler's own skip (its normal way of finding a scale)."""
+def _optimizer_step(run: Run, warmup: optim.Warmup, nonfinite: optim.NonfiniteSteps) -> Optional[bool]:
+    """Clip, check, step. Non-finite gradients (bf16 / fp32: checked on the all-reduced
+    gradients, so every rank decides alike) skip the step. Without a weight EMA that decision
+    stays on the device (the fused optimizer's found_inf, counted by `nonfinite`) and this
+    returns None: no host synchronisation in a step. With an EMA (which must see applied steps
+    only) or the fp16 loss scaler (whose skips are its way of finding a scale) it returns
+    whether the step was applied."""
     cfg, acc, opt = run.cfg, run.accelerator, run.optimizer
     scaler = getattr(acc, "scaler", None)
     norm = None
@@ -245,7 +248,14 @@ def _optimizer_step(run: Run, warmup: optim.Warmup) -> bool:
         norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
     elif scaler is None:
         norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
-    if scaler is None and not bool(torch.isfinite(norm)):  # the one host sync of a step
+    if scaler is None and run.ema is None:
+        bad = ~torch.isfinite(norm)
+        with warmup.applied(opt, run.state.global_step):
+            optim.step_unless(opt, bad)
+        nonfinite.record(bad)
+        opt.zero_grad(set_to_none=True)
+        return None
+    if scaler is None and not bool(torch.isfinite(norm)):  # the EMA's host sync
         opt.zero_grad(set_to_none=True)
         return False
     with warmup.applied(opt, run.state.global_step):
@@ -287,8 +297,22 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     count_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     seen = skipped = 0
     t0 = time.perf_counter()
+    nonfinite = optim.NonfiniteSteps(acc.device, run_before=st.bad_steps)
+
+    def settle_skips() -> None:  # the device's count of skipped steps, read (a host sync)
+        nonlocal skipped
+        n, longest, now = nonfinite.read()
+        st.skipped_steps, st.bad_steps = st.skipped_steps + n, now
+        skipped += n
+        limit = cfg.train.max_nonfinite_steps
+        if longest >= limit:
+            more = f" ({longest} by this step, where the device's count is read)" if longest > limit else ""
+            raise _diverged(run, epoch, st.step_in_epoch,
+                            f"the loss or its gradients were non-finite for {limit} optimizer steps in a "
+                            f"row{more} (skipped, not applied)")
 
     def so_far() -> None:  # the epoch's numbers up to now, into the state a checkpoint saves
+        settle_skips()
         total, count = acc.reduce(torch.stack([loss_sum, count_sum]), reduction="sum").tolist()
         st.epoch_loss_sum, st.epoch_loss_count = prior[0] + total, prior[4] + count
         st.epoch_seen, st.epoch_skipped = prior[1] + seen, prior[2] + skipped
@@ -315,7 +339,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             seen += batch.images.shape[0]
             if not last_micro:
                 continue
-            if _optimizer_step(run, warmup):
+            applied = _optimizer_step(run, warmup, nonfinite)
+            if applied is None:
+                pass   # decided on the device; settle_skips() reads it at logging steps
+            elif applied:
                 run.state.bad_steps = 0
                 if run.ema is not None:  # applied steps only: a skipped step never reaches the EMA
                     run.ema.update_parameters(plain)
@@ -333,7 +360,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                 dt = time.perf_counter() - t0
                 lr = run.optimizer.param_groups[0]["lr"]
                 imgs = seen * acc.num_processes / max(dt, 1e-9)
-                loss_now = loss.item()  # the one extra host sync of a logging step
+                loss_now = loss.item()  # the host syncs of a logging step: the loss, the skips
+                settle_skips()
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs:.1f}")
                 run.tracker.log_metrics({"train_loss_step": loss_now}, step=run.state.global_step, step_level=True)
             bar.update(1)

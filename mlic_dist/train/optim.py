@@ -84,11 +84,57 @@ def build_optimizer(cfg, model, num_processes: int = 1) -> torch.optim.Optimizer
     lrs = group_lrs(cfg, num_processes)
     groups = [{"params": backbone, "lr": lrs["backbone"], "name": "backbone"},
               {"params": head, "lr": lrs["head"], "name": "head"}]
+    # fused: one kernel per step on a GPU, and a step skipped on the device (found_inf) when the
+    # gradients are not finite, with no host synchronisation (NonfiniteSteps)
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lrs["backbone"], momentum=cfg.optim.momentum,
-                               weight_decay=cfg.optim.weight_decay)
+                               weight_decay=cfg.optim.weight_decay, fused=True)
     return torch.optim.Adam(groups, lr=lrs["backbone"], betas=cfg.optim.betas,
-                            weight_decay=cfg.optim.weight_decay)
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """`optimizer.step()`, skipped on the device where `bad` (a 0-d bool tensor) is true: the
+    fused kernels' `found_inf` (as torch's GradScaler drives them), so the host never waits for
+    the decision. Fused SGD leaves a momentum buffer it creates on a skipped first step
+    uninitialised: zero buffers are made first (with dampening 0 the first step then equals the
+    usual buf = grad)."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer
+    if isinstance(inner, torch.optim.SGD):
+        for group in inner.param_groups:
+            if group["momentum"]:
+                for param in group["params"]:
+                    state = inner.state[param]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    inner.grad_scale, inner.found_inf = None, bad.to(torch.float32).reshape(())
+    try:
+        optimizer.step()
+    finally:
+        del inner.grad_scale, inner.found_inf
+
+
+class NonfiniteSteps:
+    """Skipped (non-finite) optimizer steps counted on the device: `record(bad)` per step costs
+    no host synchronisation; `read()` (logging steps, checkpoints, the epoch's end) returns
+    (skipped since the last read, the longest run of consecutive skips since then, the run now)."""
+
+    def __init__(self, device, run_before: int = 0):
+        self.run = torch.full((), int(run_before), dtype=torch.int64, device=device)
+        self.longest = self.run.clone()
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def record(self, bad: torch.Tensor) -> None:
+        b = bad.to(torch.int64)
+        self.run = (self.run + 1) * b
+        self.longest = torch.maximum(self.longest, self.run)
+        self.skipped = self.skipped + b
+
+    def read(self) -> tuple[int, int, int]:
+        skipped, longest, run = torch.stack([self.skipped, self.longest, self.run]).tolist()
+        self.skipped = torch.zeros_like(self.skipped)
+        self.longest = self.run.clone()
+        return int(skipped), int(longest), int(run)
 
 
 def build_scheduler(cfg, optimizer):
