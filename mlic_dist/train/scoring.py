@@ -57,7 +57,7 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None,
     model = run.model if model is None else model
     was_training = model.training
     model.eval()
-    ids, probs, loss_sums, counts = [], [], [], []
+    ids, rows = [], []   # kept where they are made (the device) and copied to the host once
     # the prepared model has autocast already; an EMA copy does not
     precision = (lambda: torch.autocast(acc.device.type, enabled=False)) if fp32 else acc.autocast
     # `with`: the bar is closed on errors too, so an error message starts a line of its own
@@ -67,13 +67,16 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None,
             with precision():
                 logits = model(batch.images).float()  # (B, C)
             entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C), 0 where ignored
-            keep = batch.ids >= 0
-            ids.append(batch.ids[keep].cpu())
-            probs.append(torch.sigmoid(logits[keep]).cpu())
-            loss_sums.append(entries[keep].double().sum(1).cpu())  # (B',) per-sample sums
-            counts.append(batch.mask[keep].sum(1).cpu())            # (B',) non-ignored entries
+            # (B, C + 2) float64: probabilities, per-sample loss sums, non-ignored entry counts;
+            # padding rows (id -1) are dropped on the host, so no boolean indexing syncs here
+            rows.append(torch.cat([torch.sigmoid(logits).double(), entries.double().sum(1, keepdim=True),
+                                   batch.mask.double().sum(1, keepdim=True)], 1))
+            ids.append(batch.ids)
             bar.update(1)
-    local = tuple(torch.cat(x).numpy() for x in (ids, probs, loss_sums, counts))
+    all_rows = torch.cat(rows).cpu().numpy()            # every rank has at least one batch (plan.py)
+    all_batch_ids = torch.cat(ids).cpu().numpy()
+    keep = all_batch_ids >= 0
+    local = (all_batch_ids[keep], all_rows[keep, :-2].astype(np.float32), all_rows[keep, -2], all_rows[keep, -1])
     parts = gather(acc, local)
     all_ids, all_probs, all_sums, all_counts = (np.concatenate([p[k] for p in parts]) for k in range(4))
     order = np.argsort(all_ids, kind="stable")
