@@ -720,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-loaders", default="", help="e2e: comma list of loaders (default dali,torch)")
     p.add_argument("--map-tol", type=float, default=0, help="correct: allowed |mAP(AMP) - mAP(CPU fp32)| (0.05)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
-                   help="leave torch.backends.cudnn.benchmark off (train.py does not set it)")
+                   help="leave torch.backends.cudnn.benchmark off in the sections timed outside the trainer "
+                        "(the trainer always sets it on CUDA)")
     return p
 
 
