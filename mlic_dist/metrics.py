@@ -133,6 +133,24 @@ def average_precision(scores, targets) -> np.ndarray:
     return ap
 
 
+def chance_average_precision(targets) -> np.ndarray:
+    """(C,) the expected AP of random scores (every ranking equally likely) per class, over the
+    rows `average_precision` uses (ignore labels dropped); NaN where a class has no positives.
+    Exact, not the positive rate: with P positives among N rows the positive at rank i has
+    expected precision (1 + (P - 1)(i - 1) / (N - 1)) / i, so E[AP] = (1/N) sum_i of that
+    (Bestgen 2015); it tends to P/N for large N (1/N * H_N for one positive)."""
+    targets = np.asarray(targets)
+    chance = np.full(targets.shape[1], np.nan)
+    for c in range(targets.shape[1]):
+        col = targets[:, c]
+        n, pos = int((col != -1).sum()), int((col == 1).sum())
+        if pos:
+            i = np.arange(1, n + 1, dtype=np.float64)
+            spread = (pos - 1) * (i - 1) / (n - 1) if n > 1 else 0.0
+            chance[c] = float(np.sum((1 + spread) / i) / n)
+    return chance
+
+
 def mean_average_precision(scores, targets) -> float:
     """mAP over the classes with at least one positive; NaN if no class has one."""
     return nanmean(average_precision(scores, targets))
