@@ -370,3 +370,32 @@ def test_a_garbled_jpeg_stops_training_with_its_shard_and_key(shards, tmp_path, 
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert tar.name in line and key in line and "shard verify" in line
+
+
+def test_chance_map_is_recorded_beside_map_in_metrics_history_and_mlflow(shards, tmp_path, capsys):
+    """The chance level (metrics.chance_mean_average_precision of the split's labels) in
+    metrics.json's val/test, every epoch's record, the printed lines and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist import metrics
+    from mlic_dist.train.loop import train
+
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(shards, out))
+    train(cfg)
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        targets = np.load(out / f"targets_{split}.npy")
+        chance = metrics.nanmean(metrics.chance_average_precision(targets))
+        assert m[split]["chance_mAP"] == pytest.approx(chance, abs=1e-12)
+        assert 0 < chance < 1 and chance != pytest.approx(float((targets == 1).mean()), abs=1e-6)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["val_chance_mAP"] for h in history] == [pytest.approx(m["val"]["chance_mAP"])] * 2
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["val_chance_mAP"] == pytest.approx(m["val"]["chance_mAP"])
+    assert last["test_chance_mAP"] == pytest.approx(m["test"]["chance_mAP"])
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.data.metrics["final_val_chance_mAP"] == pytest.approx(m["val"]["chance_mAP"])
+    assert run.data.metrics["test_chance_mAP"] == pytest.approx(m["test"]["chance_mAP"])
+    assert len(client.get_metric_history(run.info.run_id, "val_chance_mAP")) == 1   # once, not per epoch

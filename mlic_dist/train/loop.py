@@ -412,6 +412,7 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
     _start_tracking(run, resumed)
     status = "FAILED"
+    chance_logged = False
     try:
         while run.state.epoch < cfg.train.epochs and not run.state.stopped:
             epoch = run.state.epoch
@@ -420,7 +421,8 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
             if not np.isfinite(val["probs"]).all():
                 raise _diverged(run, epoch, run.state.step_in_epoch,
                                 "the model's validation scores are not finite after this epoch")
-            record.update(val_loss=val["loss"], val_mAP=val["mAP"], lr=run.optimizer.param_groups[0]["lr"],
+            record.update(val_loss=val["loss"], val_mAP=val["mAP"], val_chance_mAP=val["chance_mAP"],
+                          lr=run.optimizer.param_groups[0]["lr"],
                           head_lr=run.optimizer.param_groups[-1]["lr"])
             if run.ema is not None:
                 sync_buffers(run.ema, acc)
@@ -452,7 +454,10 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
             if run.is_main:
                 rundir.write_history(out, run.state.history)
                 print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            # val_chance_mAP depends on the labels only: one point (per process) is its curve
+            run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"
+                                     and (k != "val_chance_mAP" or not chance_logged)}, step=epoch)
+            chance_logged = True
             if epoch_hook is not None:
                 epoch_hook(record)
         if run.state.stopped and run.is_main:
@@ -508,7 +513,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
         rundir.write_metrics(out, result)
         run.tracker.log_metrics(tracking.final_metrics(result), step=len(run.state.history))
         run.tracker.log_artifacts(rundir.artifact_files(out) + [p for p in [out / rundir.BEST_MODEL] if p.is_file()])
-        print(json.dumps({"val_mAP": result["val"]["mAP"],
-                          "test_mAP": result.get("test", {}).get("mAP")}), flush=True)
+        print(json.dumps({"val_mAP": result["val"]["mAP"], "val_chance_mAP": result["val"]["chance_mAP"],
+                          "test_mAP": result.get("test", {}).get("mAP"),
+                          "test_chance_mAP": result.get("test", {}).get("chance_mAP")}), flush=True)
     acc.wait_for_everyone()
     return result
