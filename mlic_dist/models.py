@@ -121,6 +121,19 @@ def missing_pretrained(backbone: str, pretrained: str) -> list[str]:
         return []
 
 
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Raises the error `create_model(name, ..., pretrained)` would for an unregistered backbone
+    or a weight file that is not on this machine, without building the model or reading the
+    weights (the trainer checks this in every rank's process before any process group exists)."""
+    if name not in _REGISTRY:
+        raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+    if pretrained == "none" or not missing_pretrained(name, pretrained):
+        return
+    if pretrained == "imagenet":
+        _imagenet_state_dict(name)   # raises MissingWeightsError naming the file and the fix
+    _load_state_dict_file(pretrained)
+
+
 def _imagenet_state_dict(arch: str) -> dict:
     """ImageNet weights of `arch` from the hub cache (`find_imagenet_checkpoint`)."""
     from torchvision.models import get_model_weights

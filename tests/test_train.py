@@ -2,6 +2,7 @@
 torchrun (gloo), SIGKILL mid-epoch and resume, MLflow down, early stopping and schedules."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -345,15 +346,74 @@ def test_user_errors_are_one_line_with_status_2(shards, tmp_path, case):
     assert len(errors) == 1 and needle in errors[0]
 
 
+def torchrun_failures(stderr: str) -> list[tuple[int, str]]:
+    """(exitcode, traceback line) of each rank in torchrun's failure summary."""
+    codes = [int(m) for m in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", stderr, re.M)]
+    lines = [ln.strip()[len("traceback :"):].strip() for ln in stderr.splitlines()
+             if ln.strip().startswith("traceback :")]
+    return list(zip(codes, lines))
+
+
 @pytest.mark.dist
 def test_a_user_error_ends_every_rank_cleanly(shards, tmp_path, free_port):
-    """No rank waits at a barrier for one that failed: both print the error and exit 2."""
+    """No rank waits at a barrier for one that failed: each prints the error and exits 2, or is
+    stopped by torchrun (SIGTERM) when another rank failed first; none hangs."""
     p = _cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(free_port), "-m", "mlic_dist.train",
               *overrides(shards, tmp_path / "run", **{"model.backbone": "resnet1001"})], tmp_path, timeout=120)
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:") and "resnet1001" in ln]
-    assert len(errors) == 2, p.stderr[-3000:]
+    failures = torchrun_failures(p.stderr)
+    assert len(failures) == 2 and 1 <= len(errors) <= 2, p.stderr[-3000:]
+    assert all((code == 2 and "resnet1001" in line) or code == -15 for code, line in failures), failures
+    assert len([code for code, _ in failures if code == 2]) == len(errors)   # each exit 2 printed its line
+
+
+def test_inputs_are_checked_before_the_process_group_exists(shards, tmp_path, monkeypatch):
+    """Missing shards, an unknown backbone, a missing weight file: UserError before
+    `build_accelerator` (the process group) is ever called."""
+    from mlic_dist.train import loop
+
+    def no_accelerator(cfg):
+        raise AssertionError("build_accelerator reached before the inputs were checked")
+
+    monkeypatch.setattr(loop, "build_accelerator", no_accelerator)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))   # no ImageNet file here
+    for extra, needle in (({"data.shards": tmp_path / "nowhere"}, "nowhere"),
+                          ({"model.backbone": "resnet18", "model.pretrained": "imagenet"}, "TORCH_HOME"),
+                          ({"model.backbone": "resnet1001"}, "resnet1001"),
+                          ({"model.backbone": "resnet18", "model.pretrained": tmp_path / "w.pt"}, "w.pt"),
+                          ({"data.test_split": "tset"}, "tset")):
+        cfg = load_config(None, overrides(shards, tmp_path / "run", **{"tracking.enabled": False, **extra}))
+        with pytest.raises(UserError, match=needle):
+            loop.build_run(cfg)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["bad value", "missing shards"])
+def test_torchrun_user_error_is_one_line_per_rank_and_in_the_summary(shards, tmp_path, free_port, case):
+    """docs/training.md, "Errors": under torchrun each rank prints `error: ...` and exits 2
+    before any rendezvous of its own; torchrun's summary shows that line (the worker's
+    TORCHELASTIC_ERROR_FILE) instead of "To enable traceback", and torchrun exits 1."""
+    extra, needle = {"bad value": ({"data.augment": "M9"}, "data.augment='M9'"),
+                     "missing shards": ({"data.shards": tmp_path / "nowhere"}, "nowhere/manifest.json does not exist")}[case]
+    p = _cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port), "-m", "mlic_dist.train",
+              *overrides(shards, tmp_path / "run", **{"tracking.enabled": False, **extra})], tmp_path, timeout=240)
+    err = p.stderr
+    assert p.returncode == 1, err[-3000:]                       # torchrun's own status for a failed child
+    lines = err.splitlines()
+    printed = [ln for ln in lines if ln.startswith("error:")]
+    assert 1 <= len(printed) <= 2 and all(needle in ln for ln in printed), err[-3000:]
+    failures = torchrun_failures(err)   # a rank torchrun stopped first (SIGTERM) printed nothing
+    assert len(failures) == 2 and all((code == 2 and line == printed[0]) or code == -15
+                                      for code, line in failures), failures
+    assert "To enable traceback" not in err
+    root = torchrun_failures(err[err.index("Root Cause"):])
+    assert root == [(2, printed[0])], root                      # our status and line, in torchrun's summary
+    frames = [ln for ln in lines if ln.strip().startswith('File "')]
+    assert frames and not [f for f in frames if "mlic_dist" in f], frames   # torchrun's frames only
+    assert not (tmp_path / "run").exists()                     # nothing started
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
