@@ -101,10 +101,10 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     from mlic_dist.train.distributed import param_digest
 
     out = tmp_path / "run"
-    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(free_port), "-m", "mlic_dist.train",
-                 *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader,
-                                            "train.ema_decay": 0.8})], cwd=tmp_path)
+    run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port), "-m", "mlic_dist.train",
+             *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader,
+                                        "train.ema_decay": 0.8})], cwd=tmp_path)
     m = assert_run_dir(out, 14, 12)
     assert m["world_size"] == 2
     # Both ranks agreed on the parameters and on the weight EMA (train.py gathers a digest per rank
