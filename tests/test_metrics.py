@@ -367,3 +367,24 @@ def test_evaluate_layout_is_json_ready():
     text = json.dumps(result, allow_nan=False)
     assert all(isinstance(v, float) and 0 <= v <= 1 and not math.isnan(v)
                for v in json.loads(text)["thresh"].values())
+
+
+def test_chance_ap_is_the_mean_ap_of_random_scores():
+    """The exact expected AP of random scores, against sklearn's AP averaged over many random
+    rankings of the same labels (ignore rows dropped, a class without positives undefined)."""
+    from sklearn.metrics import average_precision_score
+
+    from mlic_dist.metrics import chance_average_precision
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 4)) < [0.05, 0.3, 0.8, 0.0]).astype(np.int8)
+    targets[rng.random((40, 4)) < 0.1] = -1
+    targets[0, 0] = 1
+    chance = chance_average_precision(targets)
+    assert np.isnan(chance[3]) and not np.isnan(chance[:3]).any()
+    for c in range(3):
+        keep = targets[:, c] != -1
+        y = targets[keep, c] == 1
+        sim = np.mean([average_precision_score(y, rng.random(y.size)) for _ in range(3000)])
+        assert abs(chance[c] - sim) < 0.02, (c, chance[c], sim, y.mean())
+    assert chance_average_precision(np.ones((5, 1)))[0] == 1.0

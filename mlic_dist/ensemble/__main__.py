@@ -38,11 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _with_chance(split: dict) -> str:
+    chance = split.get("chance_mAP")
+    return f"{split['mAP']:.4f}" + (f" (chance {chance:.4f})" if chance is not None else "")
+
+
 def _summary(run: rundir.RunDir) -> str:
-    test = run.metrics.get("test", {}).get("mAP")
+    test = run.metrics.get("test", {})
     run_id = (run.tracking or {}).get("run_id")
     return (f"{run.ensemble['kind']:<7} {run.name}: {len(run.ensemble['members'])} runs, "
-            f"val mAP {run.metrics['val']['mAP']:.4f}" + (f", test mAP {test:.4f}" if test is not None else "")
+            f"val mAP {_with_chance(run.metrics['val'])}"
+            + (f", test mAP {_with_chance(test)}" if test.get("mAP") is not None else "")
             + f" -> {run.path}" + (f" (MLflow run {run_id})" if run_id else " (not in MLflow)"))
 
 

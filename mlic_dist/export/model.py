@@ -15,6 +15,7 @@ size, normalize, weight}]; ONNX also gets `classes` and `thresholds` as their ow
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class ExportedModel(nn.Module):
     def __init__(self, members):
         """`members`: predict.MemberModel list (model in eval mode, size, normalizer, weight)."""
         super().__init__()
+        self.resize = resize   # aten's kernel; an ONNX graph gets export.resize.graph_resize
         self.nets = nn.ModuleList([m.model for m in members])
         self.sizes = [int(m.size) for m in members]
         w = torch.tensor([float(m.weight) for m in members], dtype=torch.float64)
@@ -61,10 +63,16 @@ class ExportedModel(nn.Module):
             self.register_buffer(f"scale{k}", m.normalizer.scale.detach().cpu().float().view(1, 3, 1, 1).clone())
             self.register_buffer(f"shift{k}", m.normalizer.shift.detach().cpu().float().view(1, 3, 1, 1).clone())
 
+    def with_resize(self, fn) -> "ExportedModel":
+        """The same networks and weights, resizing with `fn` (same values, other ops)."""
+        other = copy.copy(self)
+        other.resize = fn
+        return other
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         probs = None
         for k, net in enumerate(self.nets):
-            x = resize(images, self.sizes[k]).float()                                  # (B, 3, S, S)
+            x = self.resize(images, self.sizes[k]).float()                             # (B, 3, S, S)
             x = x * getattr(self, f"scale{k}") + getattr(self, f"shift{k}")
             p = torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)).float()) * self.weights[k]
             probs = p if probs is None else probs + p                                 # (B, C)

@@ -7,9 +7,10 @@ CPU only, headless (matplotlib's Agg canvas):
 Python (the sweep): `build_report("mlic", uri, Path("reports/mlic"), parent_run_id)` -> Report.
 
 Writes into --out (default reports/NAME): report.md; single_models.csv (the paper's Table 2
-layout: backbone, augmentation, size -> mAP and top-3 L-P L-R L-F1 O-P O-R O-F1, then the same
+layout: backbone, augmentation, size -> mAP, chance mAP (the expected mAP of random scores on the
+split's labels, metrics.chance_mean_average_precision) and top-3 L-P L-R L-F1 O-P O-R O-F1, then the same
 with the per-class thresholds tuned on validation); ensembles.csv (Table 3: the best single model
-chosen on validation vs every ScaleEn / DistrEn / greedy ensemble, val and test mAP, and whether
+chosen on validation vs every ScaleEn / DistrEn / greedy ensemble, val and test mAP, chance mAP, and whether
 each beats it on test); calibration_summary.csv and calibration-RUN.csv (the AdvancedCNN paper's
 tables: per class the tuned threshold, its validation F1, and test F1 with it and at 0.5);
 per_class_ap.png, pr_curves.png, training_curves.png, ensemble_members.png. Several seeds of one
@@ -44,7 +45,8 @@ from . import plots
 
 RULE_COLUMNS = (("L-P", "CP"), ("L-R", "CR"), ("L-F1", "CF1_mean"), ("O-P", "OP"), ("O-R", "OR"), ("O-F1", "OF1"))
 ENSEMBLE_TITLES = {"scale": "ScaleEn", "distr": "DistrEn", "greedy": "Greedy selection", "manual": "Manual"}
-LEGEND = ("Top-3 columns (the paper's tables): each image predicts its 3 highest-scoring classes, no "
+LEGEND = ("chance mAP: the expected mAP of random scores on the same labels (exact, per class "
+          "over the non-ignored rows, averaged as mAP is), the floor to read mAP against. Top-3 columns (the paper's tables): each image predicts its 3 highest-scoring classes, no "
           "threshold. L-P / L-R: mean over classes of per-class (label-centric) precision / recall. "
           "**L-F1: mean over classes of per-class F1** (`CF1_mean`; below the harmonic mean of L-P "
           "and L-R). O-P / O-R: overall precision / recall over all (image, class) pairs; O-F1: "
@@ -132,7 +134,7 @@ def _split_of(entries: Sequence[Entry]) -> str:
 def _metric_columns(split: str) -> list[tuple[str, str, Optional[str], str]]:
     """(markdown label, CSV / MLflow name, rule, key) of the Table 2 columns."""
     prefix = "final_val" if split == "val" else split
-    cols = [("mAP", f"{prefix}_mAP", None, "mAP")]
+    cols = [("mAP", f"{prefix}_mAP", None, "mAP"), ("chance mAP", f"{prefix}_chance_mAP", None, "chance_mAP")]
     cols += [(label, f"{prefix}_top3_{key}", "top", key) for label, key in RULE_COLUMNS]
     cols += [(f"thr {label}", f"{prefix}_thresh_{key}", "thresh", key) for label, key in RULE_COLUMNS]
     return cols
@@ -222,9 +224,10 @@ def ensemble_table(entries: Sequence[Entry], split: str) -> list[dict]:
                                         for m in members) if _ensemble_row(members) else "",
                "n": len(members),
                "val mAP": Stat([value(m, "val") for m in members]), f"{split} mAP": test,
+               "chance mAP": Stat([value(m, split, key="chance_mAP") for m in members]),
                f"Δ {split} mAP": Stat([v - base for v in test.values])}
         row["beats single best"] = "" if not groups or i == 0 else ("yes" if test.mean > base else "no")
-        for label2, _, rule, k in _metric_columns(split)[1:1 + len(RULE_COLUMNS)]:
+        for label2, _, rule, k in _metric_columns(split)[2:2 + len(RULE_COLUMNS)]:
             row[label2] = Stat([value(m, split, rule, k) for m in members])
         table.append(row)
     return table

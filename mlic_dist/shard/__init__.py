@@ -17,6 +17,7 @@ Output: docs/contracts.md "Shards". Datasets without a val split get one carved 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +27,7 @@ from .classes import read_classes_file
 from .records import SourceDataset, SourceError
 from .sources import read_source
 from .split import carve_val, distribution_report
-from .writer import ShardError, ShardOptions, options_dict, summary, write_shards
+from .writer import ShardError, ShardOptions, check_rejects, options_dict, summary, write_shards
 
 __all__ = ["shard", "ShardError", "SourceError", "ShardOptions", "read_source", "write_shards",
            "carve_val_split"]
@@ -38,7 +39,9 @@ def carve_val_split(ds: SourceDataset, fraction: float, seed: int) -> Optional[d
         return None
     train = [r for r in ds.records if r.split == "train"]
     if not train:
-        raise SourceError(f"{ds.root}: no train samples to carve a validation split from")
+        rejected = (f" ({len(ds.rejects)} of {ds.num_inputs} inputs rejected, by reason "
+                    f"{dict(Counter(r.reason for r in ds.rejects).most_common())})" if ds.rejects else "")
+        raise SourceError(f"{ds.root}: no train samples to carve a validation split from{rejected}")
     labels = np.stack([r.labels for r in train])
     train_idx, val_idx = carve_val(labels, fraction, seed)
     for i in val_idx:
@@ -82,6 +85,8 @@ def shard(kind: str, root, out, *, splits: Optional[dict] = None,
     ds = read_source(kind, Path(root), splits=splits, images_dir=images_dir, images=images,
                      path_column=path_column, classes=classes, keep_empty=keep_empty,
                      csv_values=csv_values, header=header, voc_val=voc_val)
+    # the reject summary first: when every image is rejected, the carve would hide why
+    check_rejects(ds.rejects, ds.num_inputs, opts, final=False)
     carved = carve_val_split(ds, val_fraction, seed)
     if args is None:
         args = {"kind": kind, "root": str(root), "splits": splits, "images_dir": images_dir,

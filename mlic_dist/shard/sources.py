@@ -231,9 +231,10 @@ def read_coco(root: Path, splits: Optional[dict] = None, images_dir: Optional[di
         for split in (s for s in SPLITS if s in loaded):
             ann, data = loaded[split]
             img_dir = images_dir.get(split) or images_dir.get("all")
-            if img_dir is None:
+            if img_dir is None:   # inferred: already under root (joining root again doubles it)
                 img_dir = _coco_image_dir(root, ann, split, data["images"])
-            img_dir = Path(img_dir) if Path(img_dir).is_absolute() else root / img_dir
+            else:                 # given: relative to root
+                img_dir = Path(img_dir) if Path(img_dir).is_absolute() else root / img_dir
             labels = {}
             for i, a in enumerate(data["annotations"]):
                 try:

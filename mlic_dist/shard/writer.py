@@ -221,7 +221,9 @@ def _reject_summary(rejects: list[Reject]) -> dict:
     return dict(Counter(r.reason for r in rejects).most_common())
 
 
-def _check_rejects(rejects: list[Reject], num_inputs: int, opts: ShardOptions, final: bool):
+def check_rejects(rejects: list[Reject], num_inputs: int, opts: ShardOptions, final: bool):
+    """ShardError (reasons, the first few, OUT.rejects.jsonl written) when too many were rejected.
+    `shard()` calls it before the val carve too, so rejecting everything names the real cause."""
     allowed = math.floor(opts.max_reject_fraction * num_inputs)
     if len(rejects) <= allowed:
         return
@@ -265,7 +267,7 @@ def write_shards(ds: SourceDataset, opts: ShardOptions, args: dict,
     if out.exists() and not opts.overwrite:
         raise ShardError(f"output directory {out} already exists; pass --overwrite to replace it "
                          "or choose another --out")
-    _check_rejects(ds.rejects, ds.num_inputs, opts, final=False)
+    check_rejects(ds.rejects, ds.num_inputs, opts, final=False)
     # incl. KeyboardInterrupt: replace_dir leaves nothing half-written behind
     with replace_dir(out) as tmp:
         manifest = _write_all(ds, opts, args, carved, tmp)
@@ -299,7 +301,7 @@ def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: P
             bar.update(1)
             if res[0] == "reject":
                 rejects.append(Reject(rec.key, rec.source, res[1], rec.split, res[2]))
-                _check_rejects(rejects, ds.num_inputs, opts, final=False)  # fail fast
+                check_rejects(rejects, ds.num_inputs, opts, final=False)  # fail fast
                 continue
             _, jpeg, w, h, reasons = res
             if reasons:
@@ -318,7 +320,7 @@ def _write_all(ds: SourceDataset, opts: ShardOptions, args: dict, carved, tmp: P
     for w in writers.values():
         w.close()
     seconds = time.perf_counter() - t0
-    _check_rejects(rejects, ds.num_inputs, opts, final=True)
+    check_rejects(rejects, ds.num_inputs, opts, final=True)
     for s in ("train", "val"):  # the trainer cannot run without them; test may be absent
         if not kept_labels[s]:
             raise ShardError(f"split {s!r} has no samples after rejects (inputs per split: "

@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on val_mAP)")
     p.add_argument("--resume", action="store_true", help="continue the sweep of the same name after a crash")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, start nothing")
+    p.add_argument("--mlflow-port", type=int, default=0, metavar="PORT",
+                   help="port of the sweep's own MLflow server on 127.0.0.1 (a local store only) [0: a free one]")
     return p.parse_args(argv)
 
 
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
              "max_failures": args.max_failures, "asha": True if args.asha else None}
     overrides = list(args.overrides) + [f"sweep.{k}={v}" for k, v in flags.items() if v is not None]
     spec = load_sweep(args.config, overrides)
-    return run_sweep(spec, address=args.address, resume=args.resume, dry_run=args.dry_run)
+    return run_sweep(spec, address=args.address, resume=args.resume, dry_run=args.dry_run,
+                     mlflow_port=args.mlflow_port)
 
 
 if __name__ == "__main__":

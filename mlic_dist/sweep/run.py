@@ -30,7 +30,7 @@ from typing import Optional
 from ..config import TrackingConfig, config_from_dict, flatten
 from ..ensemble.build import build_ensembles
 from ..report.tables import build_report
-from ..tracking.server import MlflowServer
+from ..tracking.server import MlflowServer, port_in_use
 from ..tracking.store import default_uri
 from ..tracking.tracker import Tracker
 from .cluster import check_nodes, connect, plan
@@ -52,11 +52,12 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = False,
-              dry_run: bool = False, out=None, callbacks: tuple = ()) -> int:
+              dry_run: bool = False, out=None, callbacks: tuple = (), mlflow_port: int = 0) -> int:
     """Run (or resume) the sweep; returns 0 when every trial finished or was stopped early by
     ASHA, 1 when some failed, 130 when it was interrupted (Ctrl-C; --resume continues it).
     Raises SweepError (one line) on bad input, before any trial.
-    `callbacks`: extra Tune callbacks (bench/sweep.py times the trials with one)."""
+    `callbacks`: extra Tune callbacks (bench/sweep.py times the trials with one).
+    `mlflow_port`: the port of the sweep's own MLflow server (local stores), 0 = a free one."""
     out = out or sys.stdout
     trials = spec.trials()
     if dry_run:
@@ -75,6 +76,14 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
     base = config_from_dict(spec.base)
     configured = base.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     store = _local_store(configured)
+    if mlflow_port and store is None:
+        raise SweepError(f"--mlflow-port {mlflow_port}: the sweep starts no MLflow server, tracking.uri="
+                         f"{configured} is one already; drop --mlflow-port")
+    if mlflow_port and not 0 < mlflow_port < 65536:
+        raise SweepError(f"--mlflow-port {mlflow_port}: not a port; give 1-65535, or 0 for a free one")
+    if mlflow_port and port_in_use("127.0.0.1", mlflow_port):
+        raise SweepError(f"--mlflow-port {mlflow_port}: 127.0.0.1:{mlflow_port} is in use (another MLflow "
+                         f"server or UI?); stop it, pick another port, or 0 for a free one")
     if store is not None and address is not None:
         raise SweepError(f"tracking.uri={configured or 'null'} is a local file store, which trials on other nodes "
                          f"cannot reach: start `mlflow server --host 0.0.0.0 ...` where every node reaches it and "
@@ -85,8 +94,8 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None, resume: bool = Fal
         if store is not None:
             spec.root_dir.mkdir(parents=True, exist_ok=True)
             stop_stale_server(state, store)  # left behind by a sweep that was killed
-            server = MlflowServer(store, log_file=spec.root_dir / "mlflow-server.log")
-            # uvicorn stops at once; the server's job consumers take ~10 s on SIGTERM: cap the wait.
+            server = MlflowServer(store, port=mlflow_port, log_file=spec.root_dir / "mlflow-server.log")
+            # uvicorn stops at once (its job consumers, when enabled, took ~10 s on SIGTERM): cap the wait.
             stack.callback(server.stop, 5.0)
             # The server comes up while Ray starts (both take seconds to tens of seconds).
             pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mlflow-server"))

@@ -6,6 +6,12 @@ a test that trains and ensembles over HTTP, and the UI screenshots therefore tal
     with MlflowServer("sqlite:///mlflow.db", artifacts="mlartifacts") as server:
         cfg = replace(cfg, [f"tracking.uri={server.uri}"])   # http://127.0.0.1:PORT
 
+Start-up takes a few seconds (measured 6-16 s on a loaded 2-core machine, against 27-45 s
+before): MLflow 3's server also launches its GenAI job runner (huey consumers, each importing
+MLflow while the web worker does), which nothing here uses, so `MLFLOW_SERVER_ENABLE_JOB_EXECUTION`
+is off unless `job_execution=True`. The schema is created once beforehand
+(`store.init_sqlite_store`), so the server never migrates a fresh store itself.
+
 The server binds 127.0.0.1 unless told otherwise and runs in its own process group; `stop()`
 (also on an exception, and at interpreter exit) ends the whole group, uvicorn's and huey's
 children included (MLflow 3 leaves huey consumers behind when only the parent is killed).
@@ -105,10 +111,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether `port` on `host` cannot be bound now (another server listens there)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 class MlflowServer:
     def __init__(self, backend_uri: str, artifacts: str | Path | None = None, host: str = "127.0.0.1",
                  port: int = 0, log_file: str | Path | None = None, workers: int = 1,
-                 startup_timeout_s: float = 90.0):
+                 startup_timeout_s: float = 90.0, job_execution: bool = False):
         self.backend_uri = backend_uri
         store = local_store(backend_uri)
         if artifacts is None:
@@ -118,6 +134,8 @@ class MlflowServer:
         self.log_file = Path(log_file) if log_file else None
         self.workers = workers
         self.startup_timeout_s = startup_timeout_s
+        self.job_execution = job_execution
+        self.start_s: Optional[float] = None   # seconds start() took, once it returned
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
 
@@ -126,6 +144,7 @@ class MlflowServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "MlflowServer":
+        t0 = time.time()
         mlflow_bin = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow_bin) if mlflow_bin.is_file() else "mlflow", "server",
                "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
@@ -137,7 +156,8 @@ class MlflowServer:
             self._log = open(self.log_file, "ab")
         else:
             self._log = tempfile.TemporaryFile()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_uri}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_uri,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if self.job_execution else "false"}
         # its own process group (stop() ends all of it), led by the watchdog that ends it when
         # this process dies without stopping it (SIGKILL)
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), *cmd],
@@ -148,6 +168,7 @@ class MlflowServer:
         except BaseException:
             self.stop()
             raise
+        self.start_s = time.time() - t0
         return self
 
     def _tail(self, n: int = 3000) -> str:

@@ -52,7 +52,7 @@ _STUCK_S = 20.0        # ... or that holds one call this long (MLflow's own HTTP
 
 def final_metrics(result: dict) -> dict:
     """metrics.json's dict -> flat MLflow metric names, one definition for runs and ensembles:
-    `final_val_mAP`, `test_mAP`, `test_top3_OF1`, `test_thresh_CF1`, ... (`val_*` names the
+    `final_val_mAP`, `test_mAP`, `test_chance_mAP`, `test_top3_OF1`, `test_thresh_CF1`, ... (`val_*` names the
     per-epoch curves, so the final validation scores are `final_val_*`)."""
     flat = {}
     for name in ("val", "test"):
@@ -61,6 +61,7 @@ def final_metrics(result: dict) -> dict:
             continue
         prefix = "final_val" if name == "val" else name
         flat[f"{prefix}_mAP"], flat[f"{prefix}_eAP"] = r.get("mAP"), r.get("eAP")
+        flat[f"{prefix}_chance_mAP"] = r.get("chance_mAP")   # random scores' expected mAP
         if isinstance(r.get("loss"), (int, float)):
             flat[f"{prefix}_loss"] = r["loss"]
         for rule in [k for k in r if isinstance(r[k], dict) and k != "settings"]:

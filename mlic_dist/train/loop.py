@@ -44,7 +44,7 @@ from ..data.manifest import content_digest
 from ..data.plan import mix_seed
 from ..errors import DivergenceError, UserError
 from ..losses import build_loss
-from ..models import create_model
+from ..models import check_pretrained, create_model
 from ..tracking import tracker as tracking
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim
@@ -167,30 +167,48 @@ def seed_rank(seed: int, rank: int) -> None:
         set_seed(mix_seed(seed, rank, 8))
 
 
+def check_inputs(cfg: Config):
+    """What can be checked before any process group exists, in every rank's process alike: the
+    shards (manifest, splits) and the model (backbone, weight files). Returns the manifest;
+    raises UserError. `build_run` calls it before the Accelerator, so under torchrun /
+    accelerate launch each rank prints its one line and exits 2 without reaching the
+    rendezvous (docs/training.md, "Errors")."""
+    try:
+        if not cfg.data.shards:
+            raise UserError("data.shards is not set: pass data.shards=DIR (a directory written by "
+                            "python -m mlic_dist.shard)")
+        manifest = read_manifest(cfg.data.shards)
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            if split not in manifest.splits:
+                raise UserError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
+                                f"{sorted(manifest.splits)}); re-shard with a validation split")
+        test = cfg.data.test_split
+        if cfg.train.eval_test and test and test not in manifest.splits and test != "test":
+            # a name the user typed: never skip it silently (a missing default "test" is skipped)
+            raise UserError(f"data.test_split={test!r} is not a split of data.shards={cfg.data.shards!r} (it has "
+                            f"{sorted(manifest.splits)}); name one of them, or data.test_split='' for none")
+        check_pretrained(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise UserError(str(e)) from None
+    return manifest
+
+
 def build_run(cfg: Config) -> Run:
-    """Everything a run needs. Bad input raises UserError (before any collective operation)."""
+    """Everything a run needs. Bad input raises UserError (before any collective operation;
+    what needs no process group, `check_inputs`, before the Accelerator exists)."""
+    manifest = check_inputs(cfg)
     acc = build_accelerator(cfg)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     try:
         optim.check_batch_policy(cfg, acc.num_processes)   # config only: every rank raises alike
-        if not cfg.data.shards:
-            raise UserError("data.shards is not set: pass data.shards=DIR (a directory written by "
-                            "python -m mlic_dist.shard)")
-        manifest = read_manifest(cfg.data.shards)
         classes = list(manifest.classes)
-        for split in (cfg.data.train_split, cfg.data.val_split):
-            if split not in manifest.splits:
-                raise UserError(f"data.shards={cfg.data.shards!r} has no {split!r} split (it has "
-                                f"{sorted(manifest.splits)}); re-shard with a validation split")
         test = cfg.data.test_split
-        if cfg.train.eval_test and test and test not in manifest.splits:
-            if test != "test":   # a name the user typed: never skip it silently
-                raise UserError(f"data.test_split={test!r} is not a split of data.shards={cfg.data.shards!r} (it has "
-                                f"{sorted(manifest.splits)}); name one of them, or data.test_split='' for none")
-            if acc.is_main_process:
-                print(f"no test split in {cfg.data.shards}: the run scores validation only", flush=True)
+        if cfg.train.eval_test and test and test not in manifest.splits and acc.is_main_process:
+            print(f"no test split in {cfg.data.shards}: the run scores validation only", flush=True)
         check_shared_dir(acc, Path(cfg.train.output_dir))   # before anything in it is read or written
         lock = _own_output_dir(acc, Path(cfg.train.output_dir))
         out = _prepare_output_dir(cfg)
@@ -444,6 +462,7 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
     _start_tracking(run, resumed)
     status = "FAILED"
+    chance_logged = False
     try:
         while run.state.epoch < cfg.train.epochs and not run.state.stopped:
             epoch = run.state.epoch
@@ -452,7 +471,8 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
             if not np.isfinite(val["probs"]).all():
                 raise _diverged(run, epoch, run.state.step_in_epoch,
                                 "the model's validation scores are not finite after this epoch")
-            record.update(val_loss=val["loss"], val_mAP=val["mAP"], lr=run.optimizer.param_groups[0]["lr"],
+            record.update(val_loss=val["loss"], val_mAP=val["mAP"], val_chance_mAP=val["chance_mAP"],
+                          lr=run.optimizer.param_groups[0]["lr"],
                           head_lr=run.optimizer.param_groups[-1]["lr"])
             if run.ema is not None:
                 sync_buffers(run.ema, acc)
@@ -484,7 +504,10 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
             if run.is_main:
                 rundir.write_history(out, run.state.history)
                 print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            # val_chance_mAP depends on the labels only: one point (per process) is its curve
+            run.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"
+                                     and (k != "val_chance_mAP" or not chance_logged)}, step=epoch)
+            chance_logged = True
             if epoch_hook is not None:
                 epoch_hook(record)
         if run.state.stopped and run.is_main:
@@ -540,7 +563,8 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
         rundir.write_metrics(out, result)
         run.tracker.log_metrics(tracking.final_metrics(result), step=len(run.state.history))
         run.tracker.log_artifacts(rundir.artifact_files(out) + [p for p in [out / rundir.BEST_MODEL] if p.is_file()])
-        print(json.dumps({"val_mAP": result["val"]["mAP"],
-                          "test_mAP": result.get("test", {}).get("mAP")}), flush=True)
+        print(json.dumps({"val_mAP": result["val"]["mAP"], "val_chance_mAP": result["val"]["chance_mAP"],
+                          "test_mAP": result.get("test", {}).get("mAP"),
+                          "test_chance_mAP": result.get("test", {}).get("chance_mAP")}), flush=True)
     acc.wait_for_everyone()
     return result

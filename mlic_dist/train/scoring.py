@@ -93,10 +93,13 @@ def predict_split(run, loader, num_samples: int, desc: str = "eval", model=None,
 
 
 def evaluate(run, loader, labels: np.ndarray, desc: str = "eval", model=None) -> dict:
-    """{"loss", "mAP", "probs"}; mAP is NaN when the scores are not finite (divergence)."""
+    """{"loss", "mAP", "chance_mAP", "probs"}; mAP is NaN when the scores are not finite
+    (divergence); chance_mAP (metrics.chance_mean_average_precision) depends on `labels` only."""
     probs, loss = predict_split(run, loader, len(labels), desc, model=model)
+    chance = metrics.chance_mean_average_precision(labels)
     if not np.isfinite(probs).all():
-        return {"loss": loss, "mAP": float("nan"), "probs": probs}
+        return {"loss": loss, "mAP": float("nan"), "chance_mAP": chance, "probs": probs}
     ap = metrics.average_precision(probs, labels)
     valid = ~np.isnan(ap)
-    return {"loss": loss, "mAP": float(ap[valid].mean()) if valid.any() else float("nan"), "probs": probs}
+    return {"loss": loss, "mAP": float(ap[valid].mean()) if valid.any() else float("nan"),
+            "chance_mAP": chance, "probs": probs}
