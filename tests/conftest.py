@@ -1,4 +1,5 @@
 """Shared fixtures."""
+import gc
 import os
 import socket
 
@@ -28,3 +29,12 @@ def _no_leaked_tracking_uri():
         import mlflow
 
         mlflow.set_tracking_uri(before)   # None unsets MLflow's global URI and the variable
+
+
+@pytest.fixture(autouse=True)
+def _free_dali_pipelines():
+    """A DALI loader keeps its pipeline (and DALI's threads) between epochs; a torch DataLoader
+    that forks workers while another test's pipeline lingers in a garbage cycle can lose them
+    (a worker killed by SIGSEGV)."""
+    yield
+    gc.collect()

@@ -366,7 +366,8 @@ def test_a_user_error_ends_every_rank_cleanly(shards, tmp_path, free_port):
     failures = torchrun_failures(p.stderr)
     assert len(failures) == 2 and 1 <= len(errors) <= 2, p.stderr[-3000:]
     assert all((code == 2 and "resnet1001" in line) or code == -15 for code, line in failures), failures
-    assert len([code for code, _ in failures if code == 2]) == len(errors)   # each exit 2 printed its line
+    # each exit 2 printed its line; a rank SIGTERMed while exiting may have printed its own too
+    assert 1 <= len([code for code, _ in failures if code == 2]) <= len(errors)
 
 
 def test_inputs_are_checked_before_the_process_group_exists(shards, tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ class DataConfig:
     shuffle_buffer: int = 4096
     """Samples in the reader's shuffle buffer (shards are also shuffled when written)."""
     shard_shuffle: bool = True
-    """Training reads the split's tars in an order drawn from the seed (torch loader: a new one every epoch; DALI: one per pipeline, built once a run, the shuffle buffer and the rank rotation reshuffling every epoch); false = the written order."""
+    """Training reads the split's tars in a new order every epoch, drawn from the seed and the same on every rank (torch loader: plan.shard_order; DALI: the reader's shuffle_after_epoch), besides the shuffle buffer; false = the written order."""
     dali_hw_decoder_load: float = 0.65
     """DALI on a GPU: the share of JPEGs sent to the hardware decoder (A100/H100 nvJPEG engines), the rest to CUDA nvJPEG; DALI's default, until a device measures better (bench/gpu_device.md)."""
     dali_fancy_upsampling: bool = False

@@ -21,22 +21,26 @@ sampling in both (DALI clamps a too-large rectangle where torchvision redraws it
 
 Mixed decoding takes `data.dali_hw_decoder_load` and `data.dali_fancy_upsampling` (decoder_args).
 
-Sharding: `shard_id=slot, num_shards=world_size, pad_last_batch=True, stick_to_shard=True`,
+Sharding (`reader_sharding`): `shard_id=slot, num_shards=world_size, pad_last_batch=True`, a
 FILL iterator: every rank gets the same number of full batches; for eval the rows past the
 rank's real samples (DALI repeats the last one) get id -1. Train drops the partial last batch
-(plan.RankPlan). The pipeline is built once and reset per epoch, the reader moving to slot
-(rank + epoch) % W (stick_to_shard off for training); its state at each epoch's start (DALI's
-checkpointing) is what a training checkpoint keeps, so an epoch replays identically after a
-kill (DaliLoader).
+(plan.RankPlan). The pipeline is built once and reset per epoch; for training the reader moves
+to the next shard every epoch (stick_to_shard off) and visits the tars in a new order every epoch
+(`shuffle_after_epoch`, one seed on all ranks; data.shard_shuffle=false keeps the written order),
+besides its shuffle buffer. Its state at each epoch's start (DALI's checkpointing) is what a
+training checkpoint keeps, so an epoch replays identically after a kill (DaliLoader).
 
 Bad data: a DALI error names no sample ("nvImageCodec failure: '#4'", or a truncated tar's
 "Malformed index file"). When the pipeline fails, `__iter__` scans this rank's id range on the
-CPU (`integrity.find_bad_samples`: sizes, index vs tar, parts, a strict decode) and raises a
+CPU (`integrity.find_bad_samples`: sizes, index vs tar, parts, a strict decode; the ids in the
+order the reader took them, replayed by a reader-only pipeline when DALI ordered the tars) and raises a
 `ShardDataError` naming the tar and the sample key(s); if the scan finds nothing wrong the data
 is not the cause and DALI's own error goes up unchanged. An out-of-memory error (device or pinned
 host memory) goes up as it is, with no scan: the data is not its cause.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -45,7 +49,7 @@ from .augment import dali_extras, torch_extras
 from .base import LoaderBase, default_workers
 from .integrity import ShardDataError, find_bad_samples, verify_hint
 from .normalize import BufferPool
-from .plan import mix_seed, segments, shard_order
+from .plan import mix_seed
 from .transforms import squash_resize
 
 
@@ -55,13 +59,13 @@ def _pipeline_def():
     # enable_conditionals is passed per call (RandAugment needs it; the other presets do not)
     @pipeline_def(enable_conditionals=False)
     def mlic_pipeline(tar_paths, index_paths, *, shard_id, num_shards, train, data_cfg, shuffle_buffer,
-                      on_gpu):
+                      on_gpu, tar_order_seed):
         preset, size = get_preset(data_cfg.augment), data_cfg.size
         jpegs, labels, ids = fn.readers.webdataset(
             paths=tar_paths, index_paths=index_paths, ext=["jpg", "lbl", "id"],
             dtypes=[types.UINT8, types.INT8, types.INT64], missing_component_behavior="error",
-            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=not train,
-            random_shuffle=train, initial_fill=shuffle_buffer, name="Reader")
+            random_shuffle=train, initial_fill=shuffle_buffer, name="Reader",
+            **reader_sharding(shard_id, num_shards, train, tar_order_seed))
         decoder = decoder_args(data_cfg, on_gpu)
         if train and preset.crop == "rrc":              # decode only the random-resized-crop window
             images = fn.decoders.image_random_crop(
@@ -81,6 +85,43 @@ def _pipeline_def():
         return images, shapes, labels, ids
 
     return mlic_pipeline
+
+
+def reader_sharding(shard_id: int, num_shards: int, train: bool, tar_order_seed) -> dict:
+    """The reader's sharding and tar-order arguments. Evaluation: each rank on its own shard.
+    Training: the reader moves to the next shard every epoch (stick_to_shard off) and, unless
+    data.shard_shuffle is off (`tar_order_seed` None), visits the tars in a new order every epoch
+    (`shuffle_after_epoch`, drawn from the same seed on every rank, so the ranks' shards stay
+    disjoint): a shuffle buffer alone would replay the last epoch's order beyond its reach."""
+    args = dict(shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=not train)
+    if train and tar_order_seed is not None:
+        args.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=tar_order_seed)
+    return args
+
+
+@functools.lru_cache(maxsize=None)
+def _order_probe_def():
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def order_probe(tar_paths, index_paths, *, shard_id, num_shards, tar_order_seed):
+        """The training reader without its shuffle buffer or anything after it: the ids in the
+        order the reader takes them from the tars."""
+        return fn.readers.webdataset(paths=tar_paths, index_paths=index_paths, ext=["id"],
+                                     dtypes=[types.INT64], name="Reader",
+                                     **reader_sharding(shard_id, num_shards, True, tar_order_seed))
+    return order_probe
+
+
+def id_runs(ids) -> list[tuple[int, int]]:
+    """[(first, end)] runs of consecutive ids, in the order given."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] += 1
+        elif not (runs and runs[-1][0] <= i < runs[-1][1]):
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 def _resize_into(src: torch.Tensor, dst: torch.Tensor, size: int, antialias: bool) -> None:
@@ -153,9 +194,10 @@ class DaliLoader(LoaderBase):
     """Builds its pipeline once and `reset()`s it per epoch (DALI's ResNet-50 example does the
     same; a rebuild costs index reads, a refill of the shuffle buffer and memory-pool growth).
 
-    Epoch e of a pipeline built at epoch b: the tars in epoch b's order (`plan.shard_order`), the
-    reader on slot (rank + e) % W (DALI moves to the next shard every epoch: stick_to_shard off,
-    the rank plan's rotation), its shuffle and random operators continuing from epoch e - 1. A
+    Epoch e of a pipeline built at epoch b: the reader on slot (rank + e) % W (DALI moves to the
+    next shard every epoch: stick_to_shard off, the rank plan's rotation) of the tars in DALI's
+    order for that epoch (`shuffle_after_epoch`, seeded from (seed, b) alike on every rank), its
+    shuffle buffer and random operators continuing from epoch e - 1. A
     pipeline is reused only when the previous epoch was read to its end; a loop that stops early
     (train.max_steps_per_epoch, an error) drops it and the next epoch builds afresh with seed
     (seed, e, rank). Either way an epoch replays exactly after a kill: `state_dict()` is DALI's
@@ -187,12 +229,10 @@ class DaliLoader(LoaderBase):
 
     # ------------------------------------------------------------------ the pipeline
 
-    def _epoch_shards(self) -> list:
-        """The tars in the order of the epoch the pipeline was (or will be) built for."""
-        order = shard_order(len(self.info.shards), self.seed,
-                            self.epoch if self._build_epoch is None else self._build_epoch,
-                            self.train and self.cfg.shard_shuffle)
-        return [self.info.shards[k] for k in order]
+    def _tar_order_seed(self, built: int):
+        """The seed of DALI's per-epoch tar order for a pipeline built at epoch `built` (the same
+        on every rank), or None when the tars are read in written order."""
+        return mix_seed(self.seed, built, 11) if self.train and self.cfg.shard_shuffle else None
 
     def _build(self, epoch: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -205,11 +245,12 @@ class DaliLoader(LoaderBase):
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         cfg = self.cfg
         self._build_epoch = built
-        shards = self._epoch_shards()   # DALI cuts shard_id / num_shards out of this order's concatenation
+        shards = self.info.shards       # written order: DALI orders them per epoch (reader_sharding)
         pipe = _pipeline_def()(
             [str(s.path) for s in shards], [str(s.index_path) for s in shards],
             shard_id=self.plan.slot(self.rank, built), num_shards=self.world_size, train=self.train,
             data_cfg=cfg, shuffle_buffer=max(1, cfg.shuffle_buffer), on_gpu=self.on_gpu,
+            tar_order_seed=self._tar_order_seed(built),
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
             seed=mix_seed(self.seed, built, self.rank, 1), prefetch_queue_depth=2,
             enable_conditionals=self.on_gpu and self.train and self.preset.randaugment,
@@ -292,13 +333,11 @@ class DaliLoader(LoaderBase):
             err = read.error
             if isinstance(err, ShardDataError) or is_out_of_memory(err):
                 raise err.with_traceback(None) from None
-            # the reader goes through [lo, hi) in order, about a shuffle buffer and a few batches
-            # ahead of the batch that failed: a CPU scan of that window (bounded: a whole rank's
-            # range can be 100k images) names the bad sample; otherwise DALI's error goes up
-            ahead = lo + (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
-            self._build_epoch = built
-            found = self._bad_data_error(lo, min(hi, ahead))
-            self._build_epoch = None
+            # the reader is about a shuffle buffer and a few batches ahead of the batch that
+            # failed: a CPU scan of what it had read by then (bounded: a whole rank's range can be
+            # 100k images) names the bad sample; otherwise DALI's error goes up
+            ahead = (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
+            found = self._bad_data_error(self._reading_order(epoch, built, lo, hi, ahead))
             if found is None:
                 raise err.with_traceback(None) from None
             raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
@@ -306,18 +345,44 @@ class DaliLoader(LoaderBase):
             if not rolled and self._pipe_epoch == epoch:   # stopped part-way: the next epoch rebuilds
                 self._drop()
 
-    def _bad_data_error(self, lo: int, end: int):
-        """A ShardDataError naming the bad sample(s) at positions [lo, end) of the epoch's tar
-        order, or None when a CPU scan of them finds nothing wrong (then the data is not what
-        failed there)."""
-        shards = self._epoch_shards()
-        runs = segments(shards, lo, end)
-        problems = [p for k, a, b in runs for p in find_bad_samples([shards[k]], a, b)]
+    def _reading_order(self, epoch: int, built: int, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
+        """The first `count` ids this rank's reader takes in `epoch`, as id_runs. Written order:
+        ids [lo, hi) of the rank's slot. DALI's per-epoch tar order: replayed by a reader-only
+        pipeline with the same seed, epochs `built`..`epoch` (ids only, no decoding); if that
+        reader fails too (a damaged index), the slot's ids in written order."""
+        seed = self._tar_order_seed(built)
+        if seed is None:
+            return [(lo, min(hi, lo + count))]
+        try:
+            shards = self.info.shards
+            probe = _order_probe_def()(
+                [str(s.path) for s in shards], [str(s.index_path) for s in shards],
+                shard_id=self.plan.slot(self.rank, built), num_shards=self.world_size,
+                tar_order_seed=seed, batch_size=max(1, min(1024, count)), num_threads=1, device_id=None)
+            probe.build()
+            ids: list[int] = []
+            for e in range(built, epoch + 1):
+                ids.clear()
+                for _ in range(-(-self.plan.slots // probe.max_batch_size)):   # one shard: an epoch
+                    (out,) = probe.run()
+                    if e == epoch:
+                        ids.extend(int(out.at(i).item()) for i in range(len(out)))
+                    if e == epoch and len(ids) >= count:
+                        break
+            del probe
+            return id_runs(ids[:count])
+        except RuntimeError:
+            return [(lo, min(hi, lo + count))]
+
+    def _bad_data_error(self, runs: list[tuple[int, int]]):
+        """A ShardDataError naming the bad sample(s) among the ids `runs` (id_runs), or None when
+        a CPU scan of them finds nothing wrong (then the data is not what failed there)."""
+        problems = [p for a, b in runs for p in find_bad_samples(self.info.shards, a, b)]
         if not problems:
             return None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         root = self.info.shards[0].path.parent
-        ids = ", ".join(f"{a}..{b - 1}" for _, a, b in runs)
+        ids = ", ".join(f"{a}..{b - 1}" for a, b in runs)
         return ShardDataError(
             f"DALI failed reading split {self.split!r}; a CPU check of the samples it was reading (ids "
             f"{ids}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "
