@@ -7,6 +7,7 @@
     python bench/gpu.py correct --out bench/results   # AMP vs CPU fp32 mAP; mixed vs cpu decoding
     python bench/gpu.py all     --out bench/results   # all five (longer than one 10-minute call)
     python bench/gpu.py all --smoke --out /tmp/r      # every section on the CPU, tiny sizes (CI)
+    python bench/gpu.py quick   --out bench/results   # bench/gpu_device.sh's correctness checks
     add --compile to ceiling / e2e for the torch.compile variants
 
 Each section prints its JSON and writes OUT/{section}-{device}-{YYYY-MM-DD}.json with `device`
@@ -37,6 +38,9 @@ What each section measures:
            <= --map-tol; (2) the validation split through the eval preset with DALI `mixed`
            (GPU) and `cpu` decoding: same ids, mean |diff| < 2/255 in 0-1 pixel units, max
            reported; DALI vs the torch loader is reported beside it, for information.
+  quick    the one-call checks (bench/gpu_device.sh, issue 22): resnet18 128 px bf16, a few steps
+           with the torch loader then DALI, the DALI run resumed from its checkpoint for a
+           second epoch, mixed vs CPU decoding, RandAugment / Cutout in the DALI graph (2 batches).
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ import torch  # noqa: E402
 
 import trainer as tb  # noqa: E402  (bench/trainer.py)
 
-SECTIONS = ("decode", "ceiling", "e2e", "calib", "correct")
+SECTIONS = ("decode", "ceiling", "e2e", "calib", "correct")   # `all`
+ONE_CALL = ("quick",)           # bench/gpu_device.py's own: not in `all`
 NVIDIA_RN50_A100_AMP = 2470.0   # img/s, DeepLearningExamples RN50 v1.5, 1x A100 80GB, AMP, DALI
 NVIDIA_RN50_A100_TF32 = 938.0
 E2E_RATIO_TARGET = 0.97
@@ -113,6 +118,7 @@ class Plan:
     correct_lr: float = 0.05
     scenes: tuple = (600, 150, 0)       # train, val, test
     parity_batches: int = 8
+    quick_steps: int = 10               # quick: steps per training epoch
     map_tol: float = 0.05
     cudnn_benchmark: bool = True
 
@@ -128,7 +134,8 @@ class Plan:
                     warmup=1, e2e_seconds=0.0, e2e_max_epochs=1, e2e_loaders=["dali"],
                     calib_model="resnet18", calib_size=64, calib_batch=8,
                     calib_precisions=["bf16"], calib_steps=2, correct_size=64, correct_batch=8,
-                    correct_epochs=1, scenes=(24, 16, 0), parity_batches=2, map_tol=1.0)
+                    correct_epochs=1, scenes=(24, 16, 0), parity_batches=2, map_tol=1.0,
+                    quick_steps=2)
         for k in ("photos", "batch", "steps", "compile", "map_tol"):
             v = getattr(a, k, None)
             if v:
@@ -573,16 +580,22 @@ def section_calib(plan: Plan) -> dict:
 # --------------------------------------------------------------------------- correctness
 
 
+def small_training(plan: Plan, shards: Path, loader: str, augment: str, epochs: int, precision: str,
+                   resume: str, out: Path) -> list[str]:
+    """The overrides of the short from-scratch training `correct` and `quick` run."""
+    return [f"data.shards={shards}", f"data.loader={loader}", f"data.augment={augment}",
+            f"data.size={plan.correct_size}", f"data.batch_size_per_gpu={plan.correct_batch}",
+            f"data.num_workers={plan.workers}", f"model.backbone={plan.correct_model}",
+            "model.pretrained=none", f"optim.lr={plan.correct_lr}", f"optim.head_lr={plan.correct_lr}",
+            "schedule.name=none", f"train.epochs={epochs}", f"train.mixed_precision='{precision}'",
+            "train.eval_test=false", f"train.resume={resume}", "train.keep_checkpoints=1",
+            f"train.output_dir={out}", "tracking.enabled=false", "seed=0"]
+
+
 def train_variant(plan: Plan, shards: Path, name: str, precision: str, hide_gpu: bool, loader: str) -> dict:
     out = Path(plan.cache) / "runs" / f"correct-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    overrides = [f"data.shards={shards}", f"data.loader={loader}", "data.augment=M0",
-                 f"data.size={plan.correct_size}", f"data.batch_size_per_gpu={plan.correct_batch}",
-                 f"data.num_workers={plan.workers}", f"model.backbone={plan.correct_model}",
-                 "model.pretrained=none", f"optim.lr={plan.correct_lr}", f"optim.head_lr={plan.correct_lr}",
-                 "schedule.name=none", f"train.epochs={plan.correct_epochs}", f"train.mixed_precision='{precision}'",
-                 "train.eval_test=false", "train.resume=never", "train.keep_checkpoints=1",
-                 f"train.output_dir={out}", "tracking.enabled=false", "seed=0"]
+    overrides = small_training(plan, shards, loader, "M0", plan.correct_epochs, precision, "never", out)
     cmd = [sys.executable, "-m", "mlic_dist.train", *overrides]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=sub_env(hide_gpu=hide_gpu), capture_output=True, text=True)
@@ -690,6 +703,103 @@ def section_correct(plan: Plan) -> dict:
             "pass": bool(checks) and all(checks) and None not in (ok_train,)}
 
 
+# --------------------------------------------------------------------------- quick (the one call)
+
+
+def quick_train(plan: Plan, shards: Path, loader: str, name: str, epochs: int) -> dict:
+    """`python -m mlic_dist.train` in bf16 on this device for `epochs` short epochs
+    (train.max_steps_per_epoch) into cache/runs/quick-NAME, resuming what is there."""
+    out = Path(plan.cache) / "runs" / f"quick-{name}"
+    overrides = small_training(plan, shards, loader, "M2", epochs, "bf16", "auto", out)
+    overrides.append(f"train.max_steps_per_epoch={plan.quick_steps}")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mlic_dist.train", *overrides], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True)
+    res: dict = {"loader": loader, "epochs": epochs, "exit": r.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    if r.returncode != 0:
+        res["stderr_tail"] = r.stderr[-3000:]
+        return res
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    res["train_loss_per_epoch"] = [round(h["train_loss"], 4) for h in history]
+    res["val_mAP"] = json.loads((out / "metrics.json").read_text())["val"]["mAP"]
+    res["resumed"] = next((ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("resumed from")), None)
+    res["ok"] = len(history) == epochs and all(np.isfinite(h["train_loss"]) for h in history)
+    return res
+
+
+def extras_batches(plan: Plan, shards: Path, preset: str) -> dict:
+    """Two training batches of RandAugment / Cutout from the DALI loader on this device, beside
+    the same batches without them (M2): on the GPU the extras are DALI operators in the graph."""
+    from mlic_dist.data import build_loader
+
+    out: dict = {}
+    images = {}
+    for name in (preset, "M2"):
+        cfg = loader_config(plan, shards, "dali", plan.correct_size, plan.correct_batch, name)
+        loader = build_loader(cfg.data, "train", train=True, rank=0, world_size=1,
+                              device=torch.device(plan.device), seed=0)
+        got = []
+        for i, batch in enumerate(loader):
+            got.append(batch.images.float())
+            if i == 1:
+                break
+        loader.close()
+        images[name] = got
+    a, b = images[preset], images["M2"]
+    out.update(batches=len(a), device=str(a[0].device), shape=list(a[0].shape),
+               finite=bool(all(torch.isfinite(x).all() for x in a)),
+               mean_abs_diff_vs_M2=round(float(sum((x - y).abs().mean() for x, y in zip(a, b)) / len(a)), 4))
+    out["ok"] = out["batches"] == 2 and out["finite"] and out["mean_abs_diff_vs_M2"] > 0 \
+        and out["device"].startswith(plan.device)
+    return out
+
+
+def section_quick(plan: Plan) -> dict:
+    """Correctness first, in minutes (issue 22): a few bf16 steps with the torch loader, then
+    with DALI; a checkpoint written and resumed (DALI's state in it); mixed vs CPU decoding on
+    the same images; RandAugment / Cutout in the DALI graph for two batches."""
+    have_dali = dali_version() is not None
+    shards = bench_shards(plan)
+    res: dict = {"shards": str(shards), "model": plan.correct_model, "size": plan.correct_size,
+                 "steps_per_epoch": plan.quick_steps}
+    oks = []
+
+    def check(key, fn):
+        try:
+            res[key] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed check must not hide the others
+            traceback.print_exc()
+            res[key] = {"error": f"{type(e).__name__}: {e}", "ok": False}
+        oks.append(bool(res[key].get("ok")))
+
+    for loader in ("torch", "dali") if have_dali else ("torch",):
+        shutil.rmtree(Path(plan.cache) / "runs" / f"quick-{loader}", ignore_errors=True)
+        check(f"train_{loader}", lambda loader=loader: quick_train(plan, shards, loader, loader, 1))
+    last = "dali" if have_dali else "torch"
+
+    def resume():
+        r = quick_train(plan, shards, last, last, 2)    # epoch 2 on top of epoch 1's checkpoint
+        first = res.get(f"train_{last}", {}).get("train_loss_per_epoch", [])
+        r["ok"] = bool(r.get("ok") and r.get("resumed") and r["train_loss_per_epoch"][:1] == first[:1])
+        return r
+    check("resume", resume)
+    if have_dali:
+        def parity():
+            cfg = loader_config(plan, shards, "dali", plan.correct_size, plan.decode_batch, "M0")
+            mixed = collect_eval(cfg.data, torch.device(plan.device), plan.parity_batches)
+            cpu = collect_eval(cfg.data, torch.device("cpu"), plan.parity_batches)
+            cmp = compare_images(cfg.data, mixed, cpu)
+            cmp.update(decoders=["mixed" if plan.device == "cuda" else "cpu", "cpu"], tolerance_mean_01=DECODE_TOL_01)
+            cmp["ok"] = bool(cmp["same_ids"] and cmp["mean_abs_diff_01"] < DECODE_TOL_01)
+            return cmp
+        check("decode_mixed_vs_cpu", parity)
+        for preset in ("RA", "CO"):
+            check(f"extras_{preset}", lambda preset=preset: extras_batches(plan, shards, preset))
+    else:
+        res["dali"] = {"skipped": "nvidia.dali is not importable"}
+    return {"results": res, "pass": bool(oks) and all(oks)}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -697,7 +807,7 @@ def run_section(name: str, plan: Plan, out_dir: Path) -> Path:
     t0 = time.perf_counter()
     record = header(name, plan)
     fn = {"decode": section_decode, "ceiling": section_ceiling, "calib": section_calib,
-          "correct": section_correct}.get(name)
+          "correct": section_correct, "quick": section_quick}.get(name)
     body = section_e2e(plan, out_dir) if name == "e2e" else fn(plan)
     record.update(body)
     record["elapsed_s"] = round(time.perf_counter() - t0, 1)
@@ -706,7 +816,8 @@ def run_section(name: str, plan: Plan, out_dir: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", nargs="?", default="all", choices=["all", *SECTIONS])
+    p.add_argument("section", nargs="?", default="all",
+                   help=f"all, or one or more (comma list) of {', '.join((*SECTIONS, *ONE_CALL))}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON files")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: tests the script (< 60 s on 2 cores)")
     p.add_argument("--cache", default=os.environ.get("MLIC_BENCH_CACHE", "/tmp/mlic_bench"),
@@ -737,7 +848,12 @@ def main(argv=None) -> list[Path]:
     else:
         torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     Path(plan.cache).mkdir(parents=True, exist_ok=True)
-    sections = SECTIONS if a.section == "all" else (a.section,)
+    sections = SECTIONS if a.section == "all" else tuple(x.strip() for x in a.section.split(",") if x.strip())
+    unknown = [x for x in sections if x not in (*SECTIONS, *ONE_CALL)]
+    if unknown or not sections:
+        print(f"bench/gpu.py: unknown section(s) {unknown or [a.section]}; choose all or from "
+              f"{', '.join((*SECTIONS, *ONE_CALL))}", file=sys.stderr)
+        sys.exit(2)
     written, failed = [], []
     for name in sections:
         try:
@@ -745,7 +861,7 @@ def main(argv=None) -> list[Path]:
         except Exception:  # noqa: BLE001 - in `all`, one broken section must not stop the rest
             traceback.print_exc()
             failed.append(name)
-            if a.section != "all":
+            if len(sections) == 1:
                 raise
     if failed:
         print(f"sections that failed: {failed}", file=sys.stderr)

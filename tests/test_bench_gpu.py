@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,16 +70,18 @@ def test_smoke_plan_is_small():
 
 
 @pytest.mark.slow
-def test_gpu_bench_all_smoke(tmp_path):
+def test_gpu_bench_sections_smoke(tmp_path):
+    """ceiling, calib and correct in --smoke (decode, e2e and quick run in the device script's
+    dry run below, which calls them the way a device call does)."""
     reason = _loaders_missing()
     if reason:
         pytest.skip(reason)
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "all", "--smoke", "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "ceiling,calib,correct", "--smoke", "--out", str(out),
            "--cache", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    for section, keys in EXPECTED.items():
+    for section in ("ceiling", "calib", "correct"):
         files = sorted(out.glob(f"{section}-cpu-*.json"))
         assert len(files) == 1, (section, sorted(p.name for p in out.iterdir()))
         d = json.loads(files[0].read_text())
@@ -85,13 +89,74 @@ def test_gpu_bench_all_smoke(tmp_path):
             assert key in d, (section, key)
         assert d["section"] == section and d["device"] == "cpu" and d["smoke"] is True
         assert d["versions"]["torch"] and "dali" in d["versions"]
-        for key in keys:
+        for key in EXPECTED[section]:
             assert key in d["results"], (section, key)
-    decode = json.loads(next(out.glob("decode-*.json")).read_text())["results"]
-    assert decode["dali"]["images_per_s"] > 0 and decode["torch"]["images_per_s"] > 0
-    e2e = json.loads(next(out.glob("e2e-*.json")).read_text())["results"]
-    assert e2e["runs"]["dali"]["ratio"] > 0 and e2e["runs"]["dali"]["e2e_images_per_s"] > 0
     correct = json.loads(next(out.glob("correct-*.json")).read_text())
     assert correct["results"]["training"]["cpu_fp32"]["val_mAP"] is not None
     assert correct["results"]["decode_mixed_vs_cpu"]["same_ids"] is True
     assert correct["pass"] is True
+
+
+def test_an_unknown_section_is_refused_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "ceiling,nosuch", "--smoke",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown section(s) ['nosuch']" in r.stderr and "Traceback" not in r.stderr
+
+
+def _load_device_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu_device", ROOT / "bench" / "gpu_device.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_section_past_its_box_is_killed_with_its_children(tmp_path):
+    dev = _load_device_module()
+    pid_file = tmp_path / "child.pid"
+    with open(tmp_path / "log", "w") as log:
+        status, took = dev.run_box("slow", ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], 2.0, log)
+    assert status == {"exit": None, "timed_out": True} and took < 10
+    child = int(pid_file.read_text())
+    for _ in range(50):                      # killed with its process group: gone, or a zombie
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the section's child {child} outlived its box")
+
+
+@pytest.mark.slow
+def test_device_script_dry_run_writes_one_json_of_every_section(tmp_path):
+    """bash bench/gpu_device.sh --dry-run: the one-call plan on the CPU with tiny sizes, through
+    the same script, boxes and JSON a device call uses (no GPU number comes from it)."""
+    reason = _loaders_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "MLIC_BENCH_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_device.sh"), "--dry-run", "--budget-s", "540"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (path,) = out.glob("gpu-device-cpu-*.json")
+    d = json.loads(path.read_text())
+    assert d["device"] == "cpu" and d["dry_run"] is True and d["pass"] is None
+    assert d["versions"]["torch"] and d["versions"]["dali"] and d["versions"]["webdataset"]
+    assert [p["section"] for p in d["plan"]] == ["quick", "decode", "e2e"]
+    assert sum(p["box_s"] for p in d["plan"]) == pytest.approx(540, abs=1)
+    log = (out / "gpu-device.log").read_text()
+    for name, s in d["sections"].items():
+        assert s["exit"] == 0 and not s["timed_out"] and s["wall_s"] <= s["box_s"], (name, s, log[-3000:])
+    quick = d["sections"]["quick"]["results"]
+    for key in ("train_torch", "train_dali", "resume", "decode_mixed_vs_cpu", "extras_RA", "extras_CO"):
+        assert quick[key]["ok"] is True, (key, quick[key])
+    assert quick["resume"]["resumed"].startswith("resumed from") and "(epoch 1," in quick["resume"]["resumed"]
+    assert d["sections"]["quick"]["pass"] is True
+    decode = d["sections"]["decode"]["results"]
+    assert decode["dali"]["images_per_s"] > 0 and decode["torch"]["images_per_s"] > 0
+    e2e = d["sections"]["e2e"]["results"]
+    assert set(e2e["runs"]) == {"dali"} and 0 < e2e["runs"]["dali"]["ratio"]
+    assert e2e["runs"]["dali"]["ceiling_images_per_s"] > 0

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU path proven in one call on a bare device machine (issue 22; bench/gpu_device.md).
+#
+#   bash bench/gpu_device.sh [bench/gpu_device.py options]   # on the device: wheels, then the plan
+#   bash bench/gpu_device.sh --dry-run                       # here, on a CPU: the same plan, tiny
+#
+# 1. Wheels: the parts that earlier calls left in /tmp/whparts plus any carried in .devwheels/*/
+#    (../shared/tools/device-wheels.sh) are joined and installed into /tmp/site, unless DALI
+#    and webdataset already import (a dry run here, or a second call on a warm machine).
+# 2. python3 bench/gpu_device.py: quick -> decode -> e2e, each in its time box, one JSON in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-device-out}
+export OUT PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+have() { PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} "$PY" -c 'import nvidia.dali, webdataset' 2>/dev/null; }
+if ! have && { [ -d /tmp/whparts ] || compgen -G ".devwheels/*/*" >/dev/null; }; then
+  t0=$(date +%s)
+  mkdir -p /tmp/whparts /tmp/wheels
+  compgen -G ".devwheels/*/*" >/dev/null && cp .devwheels/*/* /tmp/whparts/
+  for first in /tmp/whparts/*.part-00; do
+    w=$(basename "${first%.part-00}")
+    cat /tmp/whparts/"$w".part-* > /tmp/wheels/"$w"
+  done
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/wheels/*.whl || { echo "gpu_device.sh: installing the wheels from /tmp/whparts failed" >&2; exit 3; }
+  echo "wheels: $(ls /tmp/wheels | wc -l) installed into /tmp/site in $(( $(date +%s) - t0 )) s" >&2
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# nvimgcodec / nvjpeg from the wheels, where DALI looks for them
+for d in /tmp/site/nvidia/cu13/lib /tmp/site/nvidia/nvimgcodec /tmp/site/nvidia/nvjpeg/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >&2
+exec "$PY" bench/gpu_device.py --out "$OUT" "$@"
