@@ -81,7 +81,10 @@ def run_box(name: str, cmd: list[str], box_s: float, log) -> tuple[dict, float]:
     try:
         rc = proc.wait(timeout=box_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)                       # the section and anything it started
+        try:
+            os.killpg(proc.pid, 9)                   # the section and anything it started
+        except ProcessLookupError:                   # it ended at that very moment
+            pass
         proc.wait()
         rc = None
     return {"exit": rc, "timed_out": rc is None}, time.perf_counter() - t0
@@ -93,6 +96,11 @@ def main(argv=None) -> Path:
                    help="folder for gpu-device-*.json and gpu-device.log (default $OUT)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the plan and the JSON layout")
     p.add_argument("--budget-s", type=float, default=470.0, help="all sections together (default 470 s)")
+    p.add_argument("--started-at", type=float, default=0.0,
+                   help="when the call began (epoch s; gpu_device.sh passes it): the sections end by "
+                        "--call-limit-s after it, whatever the wheel install took")
+    p.add_argument("--call-limit-s", type=float, default=560.0,
+                   help="the device command's own limit, less a margin (default 560 of 600 s)")
     p.add_argument("--batch", type=int, default=E2E_BATCH, help=f"e2e batch (default {E2E_BATCH})")
     p.add_argument("--seconds", type=float, default=25.0, help="decode / e2e measuring time per loader")
     p.add_argument("--photos", type=int, default=2048, help="bench photos to shard (default 2048)")
@@ -108,6 +116,8 @@ def main(argv=None) -> Path:
     if unknown:
         p.error(f"--sections: unknown {unknown}; choose from {[n for n, _ in PLAN]}")
     plan = [(n, share) for n, share in PLAN if n in wanted]
+    if a.started_at:
+        a.budget_s = max(30.0, min(a.budget_s, a.call_limit_s - (time.time() - a.started_at)))
     total = sum(share for _, share in plan)
     dev = device_name(a.dry_run)
     record = {"device": dev, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dry_run": a.dry_run,
@@ -116,6 +126,8 @@ def main(argv=None) -> Path:
                         "cmd": " ".join(section_cmd(n, a, work))} for n, share in plan],
               "sections": {}}
     t_all = time.perf_counter()
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
+    path = out / f"gpu-device-{slug}-{time.strftime('%Y-%m-%d')}.json"
     with open(out / "gpu-device.log", "a") as log:
         left = a.budget_s
         for k, (name, share) in enumerate(plan):
@@ -130,17 +142,23 @@ def main(argv=None) -> Path:
                 body.pop(k2, None)
             record["sections"][name] = {**status, "box_s": round(box, 1), "wall_s": round(took, 1), **body}
             print(f"== {name}: exit {status['exit']}, {took:.0f} s, pass {body.get('pass')}", file=log, flush=True)
-    record["wall_s"] = round(time.perf_counter() - t_all, 1)
-    # no claim from a CPU: a dry run tests the plan and the layout, not the targets
-    record["pass"] = None if a.dry_run else all(s.get("exit") == 0 and s.get("pass") is not False
-                                                for s in record["sections"].values())
-    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
-    path = out / f"gpu-device-{slug}-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            write(record, path, t_all, a.dry_run, done=k == len(plan) - 1)   # kept if the call is cut off
     print(json.dumps({name: {k: s.get(k) for k in ("exit", "timed_out", "wall_s", "pass")}
                       for name, s in record["sections"].items()}, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def write(record: dict, path: Path, t0: float, dry_run: bool, done: bool) -> None:
+    """The record so far, atomically: `complete` false until the last section has run."""
+    record["wall_s"] = round(time.perf_counter() - t0, 1)
+    record["complete"] = done
+    # no claim from a CPU: a dry run tests the plan and the layout, not the targets
+    record["pass"] = None if dry_run or not done else all(
+        s.get("exit") == 0 and s.get("pass") is not False for s in record["sections"].values())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,12 @@ def test_device_script_dry_run_writes_one_json_of_every_section(tmp_path):
     quick = d["sections"]["quick"]["results"]
     for key in ("train_torch", "train_dali", "resume", "decode_mixed_vs_cpu", "extras_RA", "extras_CO"):
         assert quick[key]["ok"] is True, (key, quick[key])
-    assert quick["resume"]["resumed"].startswith("resumed from") and "(epoch 1," in quick["resume"]["resumed"]
+    resume = quick["resume"]
+    assert resume["resumed"].startswith("resumed from") and "(epoch 1," in resume["resumed"]
+    assert resume["dali_state_in_checkpoint"] is True       # DALI's reader state went into the checkpoint
+    assert resume["epoch2_rel_diff"] < 1e-6                 # and replayed epoch 2 as a run without a stop
+    assert quick["extras_CO"]["fill_fraction"] > 10 * quick["extras_CO"]["fill_fraction_M2"]
+    assert d["complete"] is True
     assert d["sections"]["quick"]["pass"] is True
     decode = d["sections"]["decode"]["results"]
     assert decode["dali"]["images_per_s"] > 0 and decode["torch"]["images_per_s"] > 0

@@ -429,6 +429,53 @@ def test_truncated_shard_is_named(shards, tmp_path, loader):
         build_loader(cfg(short, loader), "train", train=True, rank=0, world_size=1, device="cpu", seed=0)
 
 
+def _dali_train(path, **kw):
+    return build_loader(DataConfig(shards=str(path), size=16, loader="dali", batch_size_per_gpu=4, shuffle_buffer=8,
+                                   num_workers=1, augment="M0"), "train", train=True, rank=0, world_size=1,
+                        device="cpu", seed=3, **kw)
+
+
+def _read_order(loader, epoch, built, n):
+    runs, partly = loader._reading_order(epoch, built, 0, n, 24)
+    assert not partly
+    return [i for a, b in runs for i in range(a, b)]
+
+
+def test_dali_training_names_a_tar_cut_while_it_trains(tmp_path):
+    """The tars in DALI's own per-epoch order: the first one it reads, cut after the loader was
+    built, is named (the order probe fails on it too: every tar's size and index are checked)."""
+    bad = build_small_shards(tmp_path / "d", n_train=61, n_val=6, n_test=0, num_classes=4, samples_per_shard=5)
+    ld = _dali_train(bad)
+    first = _read_order(ld, 0, 0, 61)[0] // 5
+    truncate_shard(bad / f"train-{first:06d}.tar", 0.3)
+    with pytest.raises(ShardDataError, match=rf"train-{first:06d}\.tar .*truncated"):
+        list(ld)
+
+
+def test_dali_names_a_bad_sample_of_an_epoch_resumed_from_a_checkpoint(tmp_path):
+    """A pipeline restored from a checkpoint (built at epoch 0, standing at epoch 3) fails while
+    it prefetches: the scan follows the order of that pipeline, not a fresh build's."""
+    n = 61
+    good = build_small_shards(tmp_path / "g", n_train=n, n_val=6, n_test=0, num_classes=4, samples_per_shard=5)
+    ld = _dali_train(good)
+    for e in range(3):
+        ld.set_epoch(e)
+        list(ld)
+    ld.set_epoch(3)
+    state = ld.state_dict()
+    assert state["epoch"] == 3 and state["build_epoch"] == 0 and state["dali"]
+    resumed_order, fresh_order = _read_order(ld, 3, 0, n), _read_order(ld, 3, 3, n)
+    bad_id = next(i for i in resumed_order[:4] if i not in fresh_order)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    tar, key = garble_sample(bad, "train", shard=bad_id // 5, sample=bad_id % 5)
+    again = _dali_train(bad)
+    again.load_state_dict(state)
+    again.set_epoch(3)
+    with pytest.raises(ShardDataError, match=rf"sample {key!r}"):
+        list(again)
+
+
 def test_truncated_shard_named_by_read_manifest_and_labels(shards, tmp_path):
     short = tmp_path / "short"
     shutil.copytree(shards, short)

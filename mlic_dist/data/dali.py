@@ -47,7 +47,7 @@ import torch
 from ..config.choices import get_preset
 from .augment import dali_extras, torch_extras
 from .base import LoaderBase, default_workers
-from .integrity import ShardDataError, find_bad_samples, verify_hint
+from .integrity import ShardDataError, file_problems, find_bad_samples, verify_hint
 from .normalize import BufferPool
 from .plan import mix_seed
 from .transforms import squash_resize
@@ -328,7 +328,9 @@ class DaliLoader(LoaderBase):
                     rolled = True
                 yield batch
         except _ReadError as read:
-            built = self._state.get("build_epoch", epoch)
+            # the epoch the failing pipeline was built for (set before DALI builds it: also right
+            # for a pipeline restored from a checkpoint that failed while it prefetched)
+            built = self._build_epoch if self._build_epoch is not None else epoch
             self._drop()
             err = read.error
             if isinstance(err, ShardDataError) or is_out_of_memory(err):
@@ -337,7 +339,7 @@ class DaliLoader(LoaderBase):
             # failed: a CPU scan of what it had read by then (bounded: a whole rank's range can be
             # 100k images) names the bad sample; otherwise DALI's error goes up
             ahead = (b + 4) * self.batch_size + max(1, self.cfg.shuffle_buffer)
-            found = self._bad_data_error(self._reading_order(epoch, built, lo, hi, ahead))
+            found = self._bad_data_error(*self._reading_order(epoch, built, lo, hi, ahead))
             if found is None:
                 raise err.with_traceback(None) from None
             raise found from err.with_traceback(None)   # its frames would keep the pipeline alive
@@ -345,14 +347,17 @@ class DaliLoader(LoaderBase):
             if not rolled and self._pipe_epoch == epoch:   # stopped part-way: the next epoch rebuilds
                 self._drop()
 
-    def _reading_order(self, epoch: int, built: int, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
-        """The first `count` ids this rank's reader takes in `epoch`, as id_runs. Written order:
-        ids [lo, hi) of the rank's slot. DALI's per-epoch tar order: replayed by a reader-only
-        pipeline with the same seed, epochs `built`..`epoch` (ids only, no decoding); if that
-        reader fails too (a damaged index), the slot's ids in written order."""
+    def _reading_order(self, epoch: int, built: int, lo: int, hi: int,
+                       count: int) -> tuple[list[tuple[int, int]], bool]:
+        """(the first `count` ids this rank's reader takes in `epoch`, as id_runs; whether that
+        order is only partly known). Written order: ids [lo, hi) of the rank's slot. DALI's
+        per-epoch tar order: replayed by a reader-only pipeline with the same seed, epochs
+        `built`..`epoch` (ids only, no decoding); if that reader fails too (a cut tar, a damaged
+        index), the ids it got that far, and the order is partly known."""
         seed = self._tar_order_seed(built)
         if seed is None:
-            return [(lo, min(hi, lo + count))]
+            return [(lo, min(hi, lo + count))], False
+        ids: list[int] = []
         try:
             shards = self.info.shards
             probe = _order_probe_def()(
@@ -360,7 +365,6 @@ class DaliLoader(LoaderBase):
                 shard_id=self.plan.slot(self.rank, built), num_shards=self.world_size,
                 tar_order_seed=seed, batch_size=max(1, min(1024, count)), num_threads=1, device_id=None)
             probe.build()
-            ids: list[int] = []
             for e in range(built, epoch + 1):
                 ids.clear()
                 for _ in range(-(-self.plan.slots // probe.max_batch_size)):   # one shard: an epoch
@@ -370,19 +374,22 @@ class DaliLoader(LoaderBase):
                     if e == epoch and len(ids) >= count:
                         break
             del probe
-            return id_runs(ids[:count])
+            return id_runs(ids[:count]), False
         except RuntimeError:
-            return [(lo, min(hi, lo + count))]
+            return id_runs(ids[:count]), True
 
-    def _bad_data_error(self, runs: list[tuple[int, int]]):
-        """A ShardDataError naming the bad sample(s) among the ids `runs` (id_runs), or None when
-        a CPU scan of them finds nothing wrong (then the data is not what failed there)."""
-        problems = [p for a, b in runs for p in find_bad_samples(self.info.shards, a, b)]
+    def _bad_data_error(self, runs: list[tuple[int, int]], partly_known: bool = False):
+        """A ShardDataError naming the bad sample(s) among the ids `runs` (id_runs) -- and, when
+        the reading order is `partly_known`, any truncated tar or index of the split -- or None
+        when a CPU scan of them finds nothing wrong (then the data is not what failed there)."""
+        problems = file_problems(self.info.shards) if partly_known else []
+        problems += [p for a, b in runs for p in find_bad_samples(self.info.shards, a, b)]
+        problems = list(dict.fromkeys(problems))      # a cut tar can be found both ways
         if not problems:
             return None
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         root = self.info.shards[0].path.parent
-        ids = ", ".join(f"{a}..{b - 1}" for a, b in runs)
+        ids = ", ".join(f"{a}..{b - 1}" for a, b in runs) + (" and every tar's size and index" if partly_known else "")
         return ShardDataError(
             f"DALI failed reading split {self.split!r}; a CPU check of the samples it was reading (ids "
             f"{ids}) found: {problems[0]}{more}. {verify_hint(root)}; restore the files "

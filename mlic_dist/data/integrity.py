@@ -205,6 +205,27 @@ def decoder_reason(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # an id range, for a loader whose reader failed
 
+def file_problems(shards: Sequence, limit: int = 20) -> list[str]:
+    """Truncated tars and index/tar disagreements among `shards`, without decoding anything (a
+    reader that fails before it reads a sample: which tar it was at is unknown)."""
+    problems: list[str] = []
+    for shard in shards:
+        problem = size_problem(shard)
+        if problem:
+            problems.append(f"{shard.path} {problem}")
+            continue
+        try:
+            mismatch = index_mismatch(read_index(shard.index_path)[1], tar_members(shard.path))
+        except (ShardDataError, tarfile.TarError, OSError) as e:
+            mismatch = str(e)
+        if mismatch:
+            problems.append(f"{shard.path}: its index {shard.index_path.name} disagrees with it "
+                            f"({mismatch}); re-run `python -m mlic_dist.shard`")
+        if len(problems) >= limit:
+            break
+    return problems
+
+
 def find_bad_samples(shards: Sequence, lo: int, hi: int, limit: int = 20) -> list[str]:
     """Problems (one line each, "TAR: ...") in the samples with ids in [lo, hi) of `shards`
     (manifest.ShardInfo, in id order): truncated tars, index/tar disagreements, missing parts,

@@ -1,5 +1,5 @@
-"""The rank plan: which samples each rank reads in an epoch. Both loaders follow it, so they agree
-sample for sample: a split of N samples in id order
+"""The rank plan: which samples each rank reads in an epoch. Both loaders follow its counts and its
+cut (evaluation: sample for sample; training: see below): a split of N samples in id order
 (ids are written in shard order, so position == id) is cut into W contiguous ranges
 [N*s//W, N*(s+1)//W) -- the same cut DALI's reader makes with shard_id=s, num_shards=W. Every rank
 runs M = ceil(N/W) sample slots; a rank whose range holds M-1 samples fills the last slot with a
@@ -7,9 +7,11 @@ repeat (train) or a padding row with id -1 (eval).
 - train: slot range s = (rank + epoch) % W (ranges rotate over epochs, as DALI does without
   stick_to_shard), batches = M // batch (the partial last batch is dropped: BatchNorm and
   equal step counts); shuffled within the range. The ranges are positions in the epoch's tar
-  order (`shard_order`: the tars permuted per seed and epoch, the same on every rank, unless
-  data.shard_shuffle=false), so the order of the samples changes beyond the shuffle buffer from
-  one epoch to the next; `segments` maps positions back to ids.
+  order (the torch loader: `shard_order`, the tars permuted per seed and epoch, the same on every
+  rank, unless data.shard_shuffle=false; DALI: its reader's own `shuffle_after_epoch` permutation,
+  one seed on every rank, so the two loaders read different samples per rank in training), so the
+  order of the samples changes beyond the shuffle buffer from one epoch to the next; `segments`
+  maps positions back to ids.
 - eval: s = rank, batches = ceil(M / batch), every batch has `batch` rows, rows past the
   rank's samples have id -1 (so shapes are equal on every rank and all_gather works).
 """

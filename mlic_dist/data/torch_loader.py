@@ -1,8 +1,8 @@
 """Pure-PyTorch loader: webdataset tars -> torchvision decode + transforms v2 -> DataLoader workers.
 
-Same rank plan as DALI (see plan.py): rank r reads the contiguous id range of its slot, so
-the two loaders see the same samples per rank and both give every rank the same batch count,
-whatever the shard count. Within a rank, the batches are dealt to the K DataLoader workers in
+Same rank plan as DALI (see plan.py): rank r reads the contiguous range of its slot in the
+epoch's tar order, so both loaders give every rank the same batch count whatever the shard count,
+and in evaluation the same samples per rank (in training DALI orders the tars itself). Within a rank, the batches are dealt to the K DataLoader workers in
 contiguous runs (worker k: batches [nb*k//K, nb*(k+1)//K)), so each worker yields only full
 batches (bar the very last of an eval epoch) and `len(loader)` is exact. Splitting by sample id
 range, not by shard, means a split with fewer shards than ranks x workers still works: each
