@@ -1,4 +1,5 @@
-"""Model registry: torchvision backbones with the paper's two changes, and the seed AdvancedCNN.
+"""Model registry: torchvision backbones with the paper's two changes, the seed AdvancedCNN, and
+any timm architecture as `timm/NAME`.
 
     model = create_model("resnet101", num_classes=20, pretrained="imagenet")
     logits = model(images)            # (B, C)
@@ -15,10 +16,16 @@ loaded with `weights_only=True`. `weights` (config `model.weights`) picks the Im
 "auto" = DEFAULT when its file is present, else any published version that is; a version name
 (IMAGENET1K_V1, IMAGENET1K_V2, ...) = exactly that one. The paper's recipes ask for
 IMAGENET1K_V1, the weights the authors fine-tuned (torchvision's only ones in 2019).
+
+`timm/NAME` (`timm_model`): timm's NAME built with `num_classes=0` (its forward ends at the pooled
+features) as `body`, under the same head, dropout and learning-rate groups; weights only from a
+local file (`model.pretrained=PATH`: timm's own layout, the classifier its `pretrained_cfg` names
+skipped), never downloaded; `grad_checkpointing` switches on timm's own.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import os
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from .atomic import replace_with
@@ -131,6 +139,8 @@ def missing_pretrained(backbone: str, pretrained: str, weights: str = "auto") ->
         return []
     if pretrained != "imagenet":
         return [] if Path(pretrained).is_file() else [str(Path(pretrained).resolve())]
+    if is_timm(backbone):            # never downloaded: check_pretrained says where the file comes from
+        return []
     try:
         if find_imagenet_checkpoint(backbone, weights) is not None:
             return []
@@ -139,12 +149,26 @@ def missing_pretrained(backbone: str, pretrained: str, weights: str = "auto") ->
         return []
 
 
+def check_backbone(name: str) -> None:
+    """ModelError unless `name` is registered or timm/NAME for one of timm's architectures."""
+    if is_timm(name):
+        _check_timm_name(name)
+    elif name not in _REGISTRY:
+        raise ModelError(f"model.backbone={name!r} is not in the model registry; valid names: {list_models()} "
+                         f"or timm/NAME for any of timm.list_models()")
+
+
 def check_pretrained(name: str, pretrained: str, version: str = "auto") -> None:
     """Raises the error `create_model(name, ..., pretrained)` would for an unregistered backbone
     or a weight file that is not on this machine, without building the model or reading the
     weights (the trainer checks this in every rank's process before any process group exists)."""
-    if name not in _REGISTRY:
-        raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+    check_backbone(name)
+    if is_timm(name):
+        if pretrained == "imagenet":
+            timm_model(name, 1, pretrained)            # raises: where a timm weight file comes from
+        if pretrained != "none" and not Path(pretrained).is_file():
+            _timm_state_dict_file(pretrained)          # raises MissingWeightsError naming the file
+        return
     if pretrained == "none" or not missing_pretrained(name, pretrained, version):
         return
     if pretrained == "imagenet":
@@ -358,17 +382,100 @@ def tiny_cnn(num_classes: int, pretrained: str = "none", dropout: float = 0.0, w
     return MultiLabelNet(body, 32, num_classes, dropout)
 
 
+# --------------------------------------------------------------------------- timm backbones
+
+TIMM_PREFIX = "timm/"
+
+
+def is_timm(name: str) -> bool:
+    return str(name).startswith(TIMM_PREFIX)
+
+
+def timm_names() -> list[str]:
+    """Every architecture `model.backbone=timm/NAME` accepts (timm.list_models())."""
+    import timm
+
+    return timm.list_models()
+
+
+def _check_timm_name(name: str) -> str:
+    arch = name[len(TIMM_PREFIX):]
+    names = timm_names()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+        hint = f"; close: {close}" if close else ""
+        raise ModelError(f"model.backbone={name!r}: {arch!r} is not one of timm's {len(names)} architectures "
+                         f"(python -c 'import timm; print(timm.list_models(\"{arch[:4]}*\"))'){hint}")
+    return arch
+
+
+def _timm_state_dict_file(path: str) -> dict:
+    """A timm checkpoint (`model.safetensors` from the Hugging Face hub, `pytorch_model.bin`, or a
+    .pth of timm's own train.py, whose weights sit under state_dict / model / state_dict_ema),
+    read without running code (safetensors, or torch.load with weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingWeightsError(
+            f"model.pretrained={path!r} is not a file; for a timm backbone give the path of its weights "
+            "(model.safetensors or pytorch_model.bin from the model's Hugging Face page, see docs/weights.md), "
+            "or none")
+    if p.suffix == ".safetensors":
+        return load_safetensors(str(p), device="cpu")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def timm_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
+               grad_checkpointing: bool = False) -> MultiLabelNet:
+    """timm's NAME without its classifier (`num_classes=0`: forward gives pooled features) as
+    `body`, our head on `num_features`. `pretrained`: none | PATH (timm's own key layout; the
+    ImageNet classifier is skipped; ours, with body./head. keys, also loads) -- never a download:
+    `imagenet` is refused with where the file comes from."""
+    import timm
+
+    arch = _check_timm_name(name)
+    if pretrained == "imagenet":
+        raise MissingWeightsError(
+            f"model.backbone={name!r} with model.pretrained=imagenet: timm weights are not downloaded at run "
+            f"time; put the model's file on this machine and give its path: model.pretrained=PATH/model.safetensors "
+            f"(on a machine with internet: huggingface-cli download timm/{arch} model.safetensors; docs/weights.md)")
+    body = timm.create_model(arch, pretrained=False, num_classes=0)
+    if grad_checkpointing:
+        body.set_grad_checkpointing(True)
+    model = MultiLabelNet(body, body.num_features, num_classes, dropout)
+    if pretrained not in ("none", "imagenet"):
+        sd = _timm_state_dict_file(pretrained)
+        if any(k.startswith("body.") for k in sd):
+            load_pretrained_path(model, name, pretrained)
+        else:
+            classifier = body.pretrained_cfg.get("classifier") or "fc"
+            prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+            _load_into_torchvision(body, sd, prefixes, pretrained)
+    return model
+
+
 # --------------------------------------------------------------------------- factory
 
 
 def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
-                 weights: str = "auto") -> MultiLabelNet:
-    """Build a registered model; `pretrained` is imagenet | none | PATH to a state dict; `weights`
-    the ImageNet version for imagenet (auto | IMAGENET1K_V1 | ...; ignored otherwise)."""
-    if name not in _REGISTRY:
-        raise ModelError(f"model.backbone={name!r} is not registered; valid names: {list_models()}")
+                 weights: str = "auto", grad_checkpointing: bool = False) -> MultiLabelNet:
+    """Build a registered model or `timm/NAME`; `pretrained` is imagenet | none | PATH to a state
+    dict; `weights` the ImageNet version for imagenet (auto | IMAGENET1K_V1 | ...; ignored
+    otherwise); `grad_checkpointing` (timm backbones) recomputes activations in the backward."""
     if num_classes < 1:
         raise ModelError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
+    check_backbone(name)
+    if is_timm(name):
+        return timm_model(name, num_classes, pretrained, dropout, grad_checkpointing)
+    if grad_checkpointing:
+        raise ModelError(f"model.grad_checkpointing=true needs a timm backbone (timm/NAME); "
+                         f"{name!r} is torchvision's or ours: set it false")
     is_path = pretrained not in ("imagenet", "none")
     model = _REGISTRY[name](num_classes, "none" if is_path else pretrained, dropout, weights)
     if is_path:
@@ -443,6 +550,12 @@ def main(argv=None) -> int:
         else:
             mark = "present" if row["present"] else "missing"
             print(f"{row['model']:14s} {mark:8s} {row['path']}  <- {row['url']}")
+    n = len(timm_names())
+    if args.json:
+        print(json.dumps({"model": "timm/NAME", "architectures": n, "weights": "model.pretrained=PATH"}))
+    else:
+        print(f"{'timm/NAME':14s} any of timm's {n} architectures (timm.list_models(), e.g. timm/convnext_tiny); "
+              "weights: model.pretrained=PATH to its model.safetensors (docs/weights.md)")
     return 0
 
 

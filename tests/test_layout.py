@@ -28,7 +28,7 @@ OWNERS = {"mlflow": ("tracking", "export.pyfunc", "export.pyfunc_model"), "ray":
 # An import inside a function is for an optional heavy dependency (its import costs seconds, or
 # a process must run without it), never to dodge a cycle; these are the heavy ones.
 HEAVY = {"mlflow", "ray", "nvidia", "onnx", "onnxruntime", "torch", "torchvision", "accelerate",
-         "matplotlib", "sklearn", "webdataset", "wds2idx", "iterstrat", "skimage"}
+         "matplotlib", "sklearn", "webdataset", "wds2idx", "iterstrat", "skimage", "timm"}
 # Own modules that may be imported inside a function, because they import a heavy dependency at
 # their top: the loader a config picks (DALI / webdataset), the MLflow model flavour, Ray Tune.
 LAZY_OWN = {"mlic_dist.data.dali", "mlic_dist.data.torch_loader", "mlic_dist.export.pyfunc",

@@ -122,9 +122,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet101"
-    """A name in the model registry (`mlic_dist.models.list_models()`)."""
+    """A name in the model registry (`python -m mlic_dist.models`), or timm/NAME for any of timm.list_models() (e.g. timm/convnext_tiny)."""
     pretrained: str = "imagenet"
-    """imagenet (torchvision weights from the local torch hub cache) | none | PATH to a state dict."""
+    """imagenet (torchvision weights from the local torch hub cache) | none | PATH to a state dict (timm backbones: none or PATH, e.g. the model's model.safetensors)."""
     weights: str = "auto"
     """ImageNet version for pretrained=imagenet: auto (DEFAULT if its file is present, else any present version), or a torchvision version name such as IMAGENET1K_V1 (the paper's recipes) or IMAGENET1K_V2; docs/weights.md lists the files."""
     dropout: float = 0.0
@@ -133,6 +133,8 @@ class ModelConfig:
     """Keep activations in NHWC memory format (faster convolutions with AMP)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    grad_checkpointing: bool = False
+    """timm backbones: recompute activations in the backward pass (timm's set_grad_checkpointing) to fit large models in memory, at the cost of recomputing each checkpointed block once."""
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across processes (SyncBatchNorm; GPU DDP only, ignored with 1 process)."""
 

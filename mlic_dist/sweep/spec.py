@@ -37,7 +37,7 @@ from ..config import Config, ConfigError, apply_overrides, build, config_from_di
 from ..data import read_manifest
 from ..ensemble.selection import EnsembleRule
 from ..errors import UserError
-from ..models import list_models, missing_pretrained
+from ..models import ModelError, check_backbone, missing_pretrained
 from ..train.optim import check_batch_policy
 
 ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
@@ -424,11 +424,11 @@ def _check_batches(where: str, trials: list[Trial], workers_per_trial: int) -> N
 
 
 def _check_models(where: str, trials: list[Trial]) -> None:
-    valid = list_models()
     for t in trials:
-        if t.cfg.model.backbone not in valid:
-            raise SweepError(f"{where}: model.backbone={t.cfg.model.backbone!r} (trial {t.name}) is not in the "
-                             f"model registry; choose one of {valid}")
+        try:
+            check_backbone(t.cfg.model.backbone)
+        except ModelError as e:
+            raise SweepError(f"{where}: trial {t.name}: {e}") from None
         p = t.cfg.model.pretrained
         if p not in ("imagenet", "none") and not Path(p).is_file():
             raise SweepError(f"{where}: model.pretrained={p!r} (trial {t.name}) is not a file; give a state dict "

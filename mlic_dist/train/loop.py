@@ -213,7 +213,7 @@ def build_run(cfg: Config) -> Run:
         lock = _own_output_dir(acc, Path(cfg.train.output_dir))
         out = _prepare_output_dir(cfg)
         model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout,
-                             cfg.model.weights)
+                             cfg.model.weights, cfg.model.grad_checkpointing)
         loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
         train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
         val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)

@@ -1,0 +1,135 @@
+"""model.backbone=timm/NAME: timm's architectures under our head, weights from local files only,
+through the trainer, the sweep checks and export. timm's tiny `test_*` models, from scratch; no
+network."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlic_dist.errors import UserError
+from mlic_dist.models import ModelError, MissingWeightsError, check_pretrained, create_model
+from shard_fixtures import build_small_shards, tiny_run_overrides
+
+timm = pytest.importorskip("timm")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_timm_model_is_its_features_under_our_head():
+    torch.manual_seed(0)
+    model = create_model("timm/test_convnext", 5, dropout=0.2)
+    ref = timm.create_model("test_convnext", num_classes=0)
+    assert model.head.in_features == ref.num_features and model.head.out_features == 5
+    assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.2
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref.load_state_dict(model.body.state_dict())
+        assert torch.allclose(model(x), model.head(ref.eval()(x)), atol=1e-6)
+    backbone, head = model.param_groups()    # optim.lr vs optim.head_lr: the body, then the new head
+    assert {id(p) for p in head} == {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in backbone} == {id(p) for p in model.body.parameters()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 3)).float()
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = create_model("timm/test_vit", 3, grad_checkpointing=ckpt)
+        model.train()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.body.grad_checkpointing is True
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    with pytest.raises(ModelError, match="needs a timm backbone"):
+        create_model("tiny_cnn", 3, grad_checkpointing=True)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "train.py checkpoint"])
+def test_a_local_timm_weight_file_loads_into_the_body(tmp_path, layout):
+    """timm's own key layout with its 1000-class classifier: the body gets every weight, the
+    head starts fresh. The Hugging Face hub's model.safetensors, or a .pth from timm's train.py
+    (weights under state_dict, DDP's module. prefix)."""
+    torch.manual_seed(1)
+    src = timm.create_model("test_convnext", num_classes=1000)
+    sd = src.state_dict()
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file(sd, str(path))
+    else:
+        path = tmp_path / "checkpoint-9.pth.tar"
+        torch.save({"epoch": 9, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    check_pretrained("timm/test_convnext", str(path))
+    model = create_model("timm/test_convnext", 4, pretrained=str(path))
+    body = model.body.state_dict()
+    kept = [k for k in sd if not k.startswith("head.fc.")]
+    assert kept and all(torch.equal(body[k], sd[k]) for k in kept)
+    assert model.head.weight.shape == (4, src.num_features)
+    with pytest.raises(ModelError, match=rf"{path.name} does not fit"):
+        create_model("timm/test_vit", 4, pretrained=str(path))     # another architecture's file
+
+
+def test_weights_are_never_downloaded_and_a_missing_file_is_named(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"not downloaded at run time.*huggingface-cli download timm/test_vit"):
+        check_pretrained("timm/test_vit", "imagenet")
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    with pytest.raises(MissingWeightsError, match=str(missing)):
+        check_pretrained("timm/test_vit", str(missing))
+    with pytest.raises(ModelError, match=r"'convnxt_tiny' is not one of timm's \d+ architectures.*convnext_tiny"):
+        create_model("timm/convnxt_tiny", 3)
+    assert issubclass(MissingWeightsError, UserError)
+
+
+def test_a_sweep_grids_timm_and_torchvision_backbones(tmp_path):
+    import yaml
+
+    from mlic_dist.sweep.spec import SweepError, load_sweep
+
+    shards = build_small_shards(tmp_path / "data")
+    for grid, ok in ((["tiny_cnn", "timm/test_resnet"], True), (["tiny_cnn", "timm/test_resnett"], False)):
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(yaml.safe_dump({
+            "data": {"shards": str(shards), "loader": "torch", "size": 32},
+            "model": {"backbone": "tiny_cnn", "pretrained": "none"}, "train": {"epochs": 1},
+            "grid": {"model.backbone": grid}, "sweep": {"root": str(tmp_path / "runs")}}))
+        if ok:
+            assert sorted(t.cfg.model.backbone for t in load_sweep(sweep).trials()) == sorted(grid)
+        else:
+            with pytest.raises(SweepError, match=r"'test_resnett' is not one of timm's .*test_resnet"):
+                load_sweep(sweep)
+
+
+@pytest.mark.slow
+def test_a_timm_backbone_trains_and_exports(tmp_path):
+    """python -m mlic_dist.train with timm/test_convnext writes an ordinary run directory; the
+    ONNX export's own check against PyTorch passes; `python -m mlic_dist.models` lists timm."""
+    shards = build_small_shards(tmp_path / "data")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mlic_dist.train",
+           *tiny_run_overrides(shards, out, **{"model.backbone": "timm/test_convnext", "tracking.enabled": "false",
+                                              "model.grad_checkpointing": "true"})]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["train_loss"] == h["train_loss"] for h in history)
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    assert saved["backbone"] == "timm/test_convnext" and saved["grad_checkpointing"] is True
+    onnx_file = tmp_path / "model.onnx"
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.export", "--run-dir", str(out), "--format", "onnx",
+                        "--out", str(onnx_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1])["max_abs_diff"] < 1e-3
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.models"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and f"any of timm's {len(timm.list_models())} architectures" in p.stdout
