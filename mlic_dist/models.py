@@ -432,47 +432,84 @@ def _timm_state_dict_file(path: str) -> dict:
 
 
 def timm_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
-               grad_checkpointing: bool = False) -> MultiLabelNet:
-    """timm's NAME without its classifier (`num_classes=0`: forward gives pooled features) as
-    `body`, our head on `num_features`. `pretrained`: none | PATH (timm's own key layout; the
-    ImageNet classifier is skipped; ours, with body./head. keys, also loads) -- never a download:
-    `imagenet` is refused with where the file comes from."""
-    import timm
-
+               grad_checkpointing: bool = False, image_size: int | None = None) -> MultiLabelNet:
+    """timm's NAME without its classifier (`num_classes=0`: forward gives the pooled, pre-logits
+    features, `head_hidden_size` wide where the model has one, else `num_features`) as `body`, our
+    head on them. Models built for one input size (ViTs) are built for `image_size`.
+    `pretrained`: none | PATH (timm's own key layout: whatever the full model has beyond the
+    body -- its classifier, a head norm or MLP, a distillation head -- is skipped; ours, with
+    body./head. keys, also loads) -- never a download: `imagenet` is refused with where the file
+    comes from."""
     arch = _check_timm_name(name)
     if pretrained == "imagenet":
         raise MissingWeightsError(
             f"model.backbone={name!r} with model.pretrained=imagenet: timm weights are not downloaded at run "
             f"time; put the model's file on this machine and give its path: model.pretrained=PATH/model.safetensors "
             f"(on a machine with internet: huggingface-cli download timm/{arch} model.safetensors; docs/weights.md)")
-    body = timm.create_model(arch, pretrained=False, num_classes=0)
+    body = _timm_create(arch, image_size, num_classes=0)
     if grad_checkpointing:
-        body.set_grad_checkpointing(True)
-    model = MultiLabelNet(body, body.num_features, num_classes, dropout)
+        try:
+            body.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as e:   # timm asserts where it has none
+            raise ModelError(f"model.grad_checkpointing=true: timm's {arch} has no gradient checkpointing "
+                             f"({e or 'not supported'}); set it false") from None
+    width = getattr(body, "head_hidden_size", None) or body.num_features
+    model = MultiLabelNet(body, width, num_classes, dropout)
     if pretrained not in ("none", "imagenet"):
         sd = _timm_state_dict_file(pretrained)
         if any(k.startswith("body.") for k in sd):
             load_pretrained_path(model, name, pretrained)
         else:
-            classifier = body.pretrained_cfg.get("classifier") or "fc"
-            prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
-            _load_into_torchvision(body, sd, prefixes, pretrained)
+            head_only = set(_timm_create(arch, image_size).state_dict()) - set(body.state_dict())
+            sd = {k: v for k, v in sd.items() if k not in head_only}
+            try:
+                _load_into_torchvision(body, sd, (), pretrained)
+            except RuntimeError as e:      # a size mismatch: another variant, or another input size
+                raise ModelError(f"state dict {pretrained} does not fit timm/{arch} at data.size={image_size}: "
+                                 f"{str(e).splitlines()[-1].strip()} (weights of another variant, or made for "
+                                 f"another input size: {body.pretrained_cfg.get('input_size')})") from None
     return model
+
+
+def _timm_create(arch: str, image_size: int | None, **kw):
+    """timm.create_model(arch), built for `image_size` where the architecture takes an img_size
+    (ViTs and other fixed-size models; the CNNs take any size and no such argument)."""
+    import timm
+
+    if image_size:
+        try:
+            return timm.create_model(arch, pretrained=False, img_size=image_size, **kw)
+        except TypeError:
+            pass
+    return timm.create_model(arch, pretrained=False, **kw)
+
+
+def convert_sync_batchnorm(model: nn.Module, backbone: str) -> nn.Module:
+    """SyncBatchNorm for DDP on GPUs. timm's BatchNormAct2d (a BatchNorm2d with its activation)
+    goes through timm's own converter: torch's would replace it by a plain SyncBatchNorm and drop
+    the activation, training another network than the one predict rebuilds."""
+    if is_timm(backbone):
+        from timm.layers import convert_sync_batchnorm as timm_convert
+
+        return timm_convert(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 # --------------------------------------------------------------------------- factory
 
 
 def create_model(name: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
-                 weights: str = "auto", grad_checkpointing: bool = False) -> MultiLabelNet:
+                 weights: str = "auto", grad_checkpointing: bool = False,
+                 image_size: int | None = None) -> MultiLabelNet:
     """Build a registered model or `timm/NAME`; `pretrained` is imagenet | none | PATH to a state
     dict; `weights` the ImageNet version for imagenet (auto | IMAGENET1K_V1 | ...; ignored
-    otherwise); `grad_checkpointing` (timm backbones) recomputes activations in the backward."""
+    otherwise); `grad_checkpointing` (timm backbones) recomputes activations in the backward;
+    `image_size` (timm backbones built for one input size, e.g. ViTs) the size to build for."""
     if num_classes < 1:
         raise ModelError(f"num_classes={num_classes} must be >= 1 (is the manifest's class list empty?)")
     check_backbone(name)
     if is_timm(name):
-        return timm_model(name, num_classes, pretrained, dropout, grad_checkpointing)
+        return timm_model(name, num_classes, pretrained, dropout, grad_checkpointing, image_size)
     if grad_checkpointing:
         raise ModelError(f"model.grad_checkpointing=true needs a timm backbone (timm/NAME); "
                          f"{name!r} is torchvision's or ours: set it false")

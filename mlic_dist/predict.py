@@ -70,7 +70,8 @@ def load_member(path: Path, device: torch.device, weight: float = 1.0) -> tuple[
     if not weights.is_file():
         raise PredictError(f"{run.path} has no {rundir.BEST_MODEL}: it is not a finished training run")
     cfg = run.cfg()
-    model = create_model(cfg.model.backbone, len(run.classes), pretrained="none", dropout=cfg.model.dropout)
+    model = create_model(cfg.model.backbone, len(run.classes), pretrained="none", dropout=cfg.model.dropout,
+                         image_size=cfg.data.size)
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except (RuntimeError, OSError, EOFError) as e:   # a truncated file, another model's weights

@@ -327,6 +327,7 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
         records.append({"image": base64.b64encode(b"not an image").decode()})
         records.append({"path": str(files[0])})          # a client asks the server to read a file
         answer = _post(base + "/invocations", {"dataframe_records": records})["predictions"]
+        empty = _post(base + "/invocations", {"dataframe_records": [{}]})["predictions"]   # neither column
     finally:
         stop_group(server.pid, 30.0, server)   # the scoring server and its workers
     assert len(answer) == 7
@@ -336,3 +337,4 @@ def test_mlflow_model_is_served_with_the_labels_predict_gives(trained, pair, val
                                    atol=2e-6)
     assert answer[5]["labels"] == [] and "image" in answer[5]["error"]
     assert answer[6]["labels"] == [] and "column 'path' is off" in answer[6]["error"]
+    assert len(empty) == 1 and empty[0]["labels"] == [] and "neither 'image'" in empty[0]["error"]

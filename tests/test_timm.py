@@ -36,6 +36,28 @@ def test_a_timm_model_is_its_features_under_our_head():
     assert {id(p) for p in backbone} == {id(p) for p in model.body.parameters()}
 
 
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "test_mambaout", "test_vit3"])
+def test_heads_fit_pre_logits_widths_and_fixed_size_models(arch):
+    """The features timm gives with num_classes=0 are head_hidden_size wide where a model has one
+    (MobileNetV3: 1024, not num_features 288); a ViT made for 160 px is built for data.size."""
+    model = create_model(f"timm/{arch}", 4, image_size=32).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_sync_batchnorm_keeps_timms_fused_activations():
+    from timm.layers import BatchNormAct2d
+
+    from mlic_dist.models import convert_sync_batchnorm
+
+    model = create_model("timm/test_efficientnet", 3)
+    acts = [m.act for m in model.modules() if isinstance(m, BatchNormAct2d)]
+    assert acts and not all(isinstance(a, torch.nn.Identity) for a in acts)
+    synced = convert_sync_batchnorm(model, "timm/test_efficientnet")
+    kept = [m.act for m in synced.modules() if hasattr(m, "act") and isinstance(m, torch.nn.SyncBatchNorm)]
+    assert [type(a) for a in kept] == [type(a) for a in acts]     # torch's converter drops them
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 2, (4, 3)).float()
     grads = []
@@ -49,6 +71,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     with pytest.raises(ModelError, match="needs a timm backbone"):
         create_model("tiny_cnn", 3, grad_checkpointing=True)
+    with pytest.raises(ModelError, match="vgg11 has no gradient checkpointing"):
+        create_model("timm/vgg11", 3, grad_checkpointing=True)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "train.py checkpoint"])
@@ -75,6 +99,20 @@ def test_a_local_timm_weight_file_loads_into_the_body(tmp_path, layout):
     assert model.head.weight.shape == (4, src.num_features)
     with pytest.raises(ModelError, match=rf"{path.name} does not fit"):
         create_model("timm/test_vit", 4, pretrained=str(path))     # another architecture's file
+
+
+def test_weights_whose_head_has_more_than_a_classifier_load(tmp_path):
+    """LeViT's head is a BatchNorm + Linear (and a distillation head): all of it is skipped, the
+    body gets every weight; a ViT file made for 160 px stops with a ModelError at 64 px."""
+    src = timm.create_model("levit_128s")
+    path = tmp_path / "levit.pth"
+    torch.save(src.state_dict(), path)
+    model = create_model("timm/levit_128s", 4, pretrained=str(path), image_size=224)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.body.state_dict().items())
+    vit = tmp_path / "vit.pth"
+    torch.save(timm.create_model("test_vit3").state_dict(), vit)
+    with pytest.raises(ModelError, match=r"vit\.pth does not fit timm/test_vit3 at data.size=64: size mismatch"):
+        create_model("timm/test_vit3", 4, pretrained=str(vit), image_size=64)
 
 
 def test_weights_are_never_downloaded_and_a_missing_file_is_named(tmp_path):
@@ -105,6 +143,12 @@ def test_a_sweep_grids_timm_and_torchvision_backbones(tmp_path):
         else:
             with pytest.raises(SweepError, match=r"'test_resnett' is not one of timm's .*test_resnet"):
                 load_sweep(sweep)
+    sweep.write_text(yaml.safe_dump({                # timm + imagenet: refused before any trial starts
+        "data": {"shards": str(shards), "loader": "torch", "size": 32},
+        "model": {"backbone": "tiny_cnn", "pretrained": "imagenet"}, "train": {"epochs": 1},
+        "grid": {"model.backbone": ["timm/test_resnet"]}, "sweep": {"root": str(tmp_path / "runs")}}))
+    with pytest.raises(SweepError, match=r"timm/test_resnet.*not downloaded at run time"):
+        load_sweep(sweep)
 
 
 @pytest.mark.slow
@@ -133,3 +177,11 @@ def test_a_timm_backbone_trains_and_exports(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mlic_dist.models"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and f"any of timm's {len(timm.list_models())} architectures" in p.stdout
+
+
+def test_an_ensemble_of_timm_runs_is_named_without_a_slash():
+    from mlic_dist.ensemble.selection import Group
+
+    key = json.dumps({"model.backbone": "timm/test_vit", "data.augment": "M1", "seed": 0}, sort_keys=True)
+    name = Group("scale", key, [], "data.size").name
+    assert name.startswith("scale-timm_test_vit-M1-seed0-") and "/" not in name

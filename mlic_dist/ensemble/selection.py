@@ -63,8 +63,8 @@ class Group:
         cfg = json.loads(self.key)
         shown = cfg.get("data.augment") if self.kind == "scale" else f"{cfg.get('data.size')}px"
         prefix = (self.rule.name if self.rule is not None else "") or self.kind
-        return (f"{prefix}-{cfg.get('model.backbone')}-{shown}-seed{cfg.get('seed')}-"
-                f"{digest(self.key)}")
+        backbone = str(cfg.get("model.backbone")).replace("/", "_")    # timm/NAME: a name, not a path
+        return f"{prefix}-{backbone}-{shown}-seed{cfg.get('seed')}-{digest(self.key)}"
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from .model import META_KEY, ExportError
 MODEL_NAME = "model"
 ARTIFACT = "model_torchscript"
 PATHS_ENV = "MLIC_SERVE_PATHS_UNDER"   # the directory `path` rows may read; unset: no files are read
+NEITHER = "the row has neither 'image' (base64 file bytes) nor 'path'"
 
 
 class MlicPyfunc(mlflow.pyfunc.PythonModel):
@@ -96,10 +97,14 @@ class MlicPyfunc(mlflow.pyfunc.PythonModel):
                 return target.read_bytes()
             except OSError as e:
                 raise ValueError(f"cannot read path {path!r}: {e.strerror or e}") from None
-        raise ValueError("the row has neither 'image' (base64 file bytes) nor 'path'")
+        raise ValueError(NEITHER)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        if not rows and getattr(model_input, "shape", (0, 1))[1] == 0:
+            # MLflow's schema check turns records with neither column ([{}]) into a frame with no
+            # rows and no columns before this runs: answer it rather than with nothing
+            return pd.DataFrame([{"labels": [], "scores": {}, "error": NEITHER}], columns=["labels", "scores", "error"])
         under = os.environ.get(PATHS_ENV)
         paths_under = Path(under).resolve() if under else None
         out = []

@@ -37,7 +37,7 @@ from ..config import Config, ConfigError, apply_overrides, build, config_from_di
 from ..data import read_manifest
 from ..ensemble.selection import EnsembleRule
 from ..errors import UserError
-from ..models import ModelError, check_backbone, missing_pretrained
+from ..models import check_backbone, check_pretrained, is_timm, missing_pretrained
 from ..train.optim import check_batch_policy
 
 ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
@@ -427,7 +427,9 @@ def _check_models(where: str, trials: list[Trial]) -> None:
     for t in trials:
         try:
             check_backbone(t.cfg.model.backbone)
-        except ModelError as e:
+            if is_timm(t.cfg.model.backbone) and t.cfg.model.pretrained == "imagenet":
+                check_pretrained(t.cfg.model.backbone, "imagenet")   # refused: timm weights come from a file
+        except UserError as e:
             raise SweepError(f"{where}: trial {t.name}: {e}") from None
         p = t.cfg.model.pretrained
         if p not in ("imagenet", "none") and not Path(p).is_file():

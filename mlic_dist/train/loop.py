@@ -44,7 +44,7 @@ from ..data.manifest import content_digest
 from ..data.plan import mix_seed
 from ..errors import DivergenceError, UserError
 from ..losses import build_loss
-from ..models import check_pretrained, create_model
+from ..models import check_pretrained, convert_sync_batchnorm, create_model
 from ..tracking import tracker as tracking
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim
@@ -213,7 +213,7 @@ def build_run(cfg: Config) -> Run:
         lock = _own_output_dir(acc, Path(cfg.train.output_dir))
         out = _prepare_output_dir(cfg)
         model = create_model(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.dropout,
-                             cfg.model.weights, cfg.model.grad_checkpointing)
+                             cfg.model.weights, cfg.model.grad_checkpointing, cfg.data.size)
         loader_args = dict(rank=acc.process_index, world_size=acc.num_processes, device=acc.device, seed=cfg.seed)
         train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
         val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
@@ -230,7 +230,7 @@ def build_run(cfg: Config) -> Run:
         raise UserError(str(e)) from None
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, cfg.model.backbone)
         else:
             warnings.warn("model.sync_bn=true needs GPUs (SyncBatchNorm has no CPU kernel): "
                           "BatchNorm statistics stay per process")
