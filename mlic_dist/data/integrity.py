@@ -205,25 +205,25 @@ def decoder_reason(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # an id range, for a loader whose reader failed
 
+def _file_problem(shard) -> Optional[str]:
+    """A truncated tar or an index that disagrees with its tar (one line), or None."""
+    problem = size_problem(shard)
+    if problem:
+        return f"{shard.path} {problem}"
+    try:
+        mismatch = index_mismatch(read_index(shard.index_path)[1], tar_members(shard.path))
+    except (ShardDataError, tarfile.TarError, OSError) as e:
+        mismatch = str(e)
+    if mismatch:
+        return (f"{shard.path}: its index {shard.index_path.name} disagrees with it "
+                f"({mismatch}); re-run `python -m mlic_dist.shard`")
+    return None
+
+
 def file_problems(shards: Sequence, limit: int = 20) -> list[str]:
     """Truncated tars and index/tar disagreements among `shards`, without decoding anything (a
     reader that fails before it reads a sample: which tar it was at is unknown)."""
-    problems: list[str] = []
-    for shard in shards:
-        problem = size_problem(shard)
-        if problem:
-            problems.append(f"{shard.path} {problem}")
-            continue
-        try:
-            mismatch = index_mismatch(read_index(shard.index_path)[1], tar_members(shard.path))
-        except (ShardDataError, tarfile.TarError, OSError) as e:
-            mismatch = str(e)
-        if mismatch:
-            problems.append(f"{shard.path}: its index {shard.index_path.name} disagrees with it "
-                            f"({mismatch}); re-run `python -m mlic_dist.shard`")
-        if len(problems) >= limit:
-            break
-    return problems
+    return [p for p in map(_file_problem, shards) if p][:limit]
 
 
 def find_bad_samples(shards: Sequence, lo: int, hi: int, limit: int = 20) -> list[str]:
@@ -234,16 +234,11 @@ def find_bad_samples(shards: Sequence, lo: int, hi: int, limit: int = 20) -> lis
     for shard in shards:
         if shard.first_id >= hi or shard.first_id + shard.num_samples <= lo:
             continue
-        problem = size_problem(shard)
+        problem = _file_problem(shard)
         if problem:
-            problems.append(f"{shard.path} {problem}")
+            problems.append(problem)
             continue
         try:
-            mismatch = index_mismatch(read_index(shard.index_path)[1], tar_members(shard.path))
-            if mismatch:
-                problems.append(f"{shard.path}: its index {shard.index_path.name} disagrees with it "
-                                f"({mismatch}); re-run `python -m mlic_dist.shard`")
-                continue
             for pos, (key, comps) in enumerate(iter_samples(shard.path)):
                 sid = shard.first_id + pos
                 if sid >= hi:
