@@ -458,7 +458,7 @@ def timm_model(name: str, num_classes: int, pretrained: str = "none", dropout: f
     if pretrained not in ("none", "imagenet"):
         sd = _timm_state_dict_file(pretrained)
         if any(k.startswith("body.") for k in sd):
-            load_pretrained_path(model, name, pretrained)
+            load_pretrained_path(model, name, pretrained, sd)   # ours: read once, above
         else:
             head_only = set(_timm_create(arch, image_size).state_dict()) - set(body.state_dict())
             sd = {k: v for k, v in sd.items() if k not in head_only}
@@ -520,9 +520,10 @@ def create_model(name: str, num_classes: int, pretrained: str = "none", dropout:
     return model
 
 
-def load_pretrained_path(model: MultiLabelNet, name: str, path: str) -> None:
-    """Load our own state dict (body./head. keys) or a torchvision one into `model`."""
-    sd = _load_state_dict_file(path)
+def load_pretrained_path(model: MultiLabelNet, name: str, path: str, sd: dict | None = None) -> None:
+    """Load our own state dict (body./head. keys) or a torchvision one into `model` (`sd`: the
+    file's contents when the caller has read it already)."""
+    sd = _load_state_dict_file(path) if sd is None else sd
     if any(k.startswith("body.") for k in sd):
         head_shape = model.head.weight.shape
         if "head.weight" in sd and sd["head.weight"].shape != head_shape:
