@@ -203,3 +203,30 @@ def test_loaders_eval_batches_equal_predict_preprocessing(trained, images):
                     mine = norm(eval_resize(load_rgb((images / f"{keys[i]}.jpg").read_bytes()), cfg.data.size)[None])[0]
                     worst = max(worst, float((mine - img).abs().max()))
         assert worst < 1e-5, (loader, worst)
+
+
+def test_records_follow_the_input_order_with_broken_files_between_good_ones(trained, images, tmp_path):
+    """Issue 21 item 8: one record per image in input order (the arguments as given, a folder's
+    images sorted by path), broken ones in their place, across batch boundaries with several
+    decode threads; never the error records first."""
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    good = sorted(images.glob("*.jpg"))[:5]
+    names = {"a-good.jpg": good[0], "B-broken.jpg": None, "c-good.png": good[1], "d-broken.jpg": None,
+             "sub/e-good.jpg": good[2], "zz-good.jpg": good[3]}
+    for name, src in names.items():
+        (folder / name).write_bytes(src.read_bytes() if src else b"not an image")
+    (folder / "notes.txt").write_text("not an image suffix: skipped")
+    extra_broken = tmp_path / "0-first-broken.jpg"        # given after the folder: stays after it
+    extra_broken.write_bytes(b"\xff\xd8 cut")
+    extra_good = tmp_path / "1-good.jpg"
+    extra_good.write_bytes(good[4].read_bytes())
+    out = tmp_path / "preds.jsonl"
+    r = cli(["--run-dir", trained.runs["m1-32-s0"], folder, extra_broken, extra_good, "--out", out,
+             "--batch-size", "2", "--workers", "3"], tmp_path)
+    assert r.returncode == 1, r.stderr                     # some images could not be read
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [folder / n for n in sorted(names, key=lambda n: str(folder / n))] + [extra_broken, extra_good]
+    assert [r["file"] for r in records] == [str(p) for p in expected]
+    broken = {str(folder / n) for n, src in names.items() if src is None} | {str(extra_broken)}
+    assert {r["file"] for r in records if "error" in r} == broken
