@@ -150,3 +150,26 @@ def test_one_rank_sees_a_new_order_every_epoch_beyond_the_shuffle_buffer(tmp_pat
     fixed.set_epoch(1)
     f1 = [int(i) for b in fixed for i in b.ids]
     assert spearmanr([f0.index(i) for i in range(120)], [f1.index(i) for i in range(120)]).statistic > 0.8
+
+
+@pytest.mark.dist
+def test_each_node_logs_its_own_system_metrics_into_the_one_run(shards, tmp_path, free_port):
+    """Two simulated nodes, one rank each: node 1 has no MLflow run of its own; it reads rank 0's
+    run id from the shared run directory and MLflow's sampler logs system/node1/... beside
+    node 0's system/node0/..."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.tracking.store import init_sqlite_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    init_sqlite_store(uri)
+    overrides = _overrides(shards, tmp_path / "r", **{
+        "tracking.enabled": True, "tracking.uri": uri, "tracking.experiment": "nodes", "train.epochs": 12,
+        "tracking.system_metrics_interval_s": 0.2, "tracking.log_artifacts": False})
+    node0, node1 = two_nodes(["-m", "mlic_dist.train", *overrides], free_port, tmp_path, timeout=300)
+    assert node0.returncode == node1.returncode == 0, node0.stderr[-2000:] + node1.stderr[-2000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+    for node in ("node0", "node1"):
+        assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    assert not any(k.startswith("system/cpu") for k in run.data.metrics)    # every sample names its node

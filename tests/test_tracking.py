@@ -468,3 +468,35 @@ def test_the_documented_mlflow_ui_command_shows_the_stores_runs(tmp_path, free_p
         ui.wait()
     assert [(r["info"]["run_id"], r["info"]["run_name"]) for r in runs] == [(run, "size=96,augment=M1")]
     assert runs[0]["data"]["metrics"][0]["value"] == pytest.approx(0.71)
+
+
+def test_mlflow_system_metrics_are_in_the_run_and_off_when_asked(shards, tmp_path):
+    """MLflow's own sampler (CPU, memory, disk, network) logs into the training run, without a
+    node id on one node; tracking.system_metrics=false logs none."""
+    from mlflow.tracking import MlflowClient
+
+    from mlic_dist.train.loop import train
+
+    from mlic_dist.tracking.store import init_sqlite_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    init_sqlite_store(uri)     # created beforehand: the run exists while these short runs train
+    for name, on in (("sampled", True), ("plain", False)):
+        train(load_config(None, train_overrides(shards, tmp_path / name, uri, **{
+            "train.epochs": 4, "tracking.run_name": name, "tracking.system_metrics": on,
+            "tracking.system_metrics_interval_s": 0.2})))
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in
+            client.search_runs([client.get_experiment_by_name("t").experiment_id])}
+    system = sorted(k for k in runs["sampled"].data.metrics if k.startswith("system/"))
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system), system
+    assert not any(k.startswith("system/node") for k in system)
+    history = client.get_metric_history(runs["sampled"].info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 1 and all(0 <= m.value <= 100 * os.cpu_count() for m in history)
+    assert not [k for k in runs["plain"].data.metrics if k.startswith("system/")]
+    assert runs["sampled"].info.status == runs["plain"].info.status == "FINISHED"
+
+
+def test_a_bad_system_metrics_interval_names_the_key():
+    with pytest.raises(ValueError, match="tracking.system_metrics_interval_s=0"):
+        TrackingConfig(system_metrics_interval_s=0)

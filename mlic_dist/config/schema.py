@@ -306,9 +306,16 @@ class TrackingConfig:
     """Upload the run directory's files (config, metrics, scores, thresholds, best weights) as artifacts."""
     flush_timeout_s: float = 120.0
     """At the end, wait at most this long for queued MLflow calls (a few seconds if MLflow is down)."""
+    system_metrics: bool = True
+    """Log MLflow's system metrics (CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py) into the run, one sampler per node."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metrics samples (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)."""
 
     def __post_init__(self):
         _check_positive("tracking.flush_timeout_s", self.flush_timeout_s, allow_zero=True)
+        if not self.system_metrics_interval_s > 0:
+            raise ValueError(f"tracking.system_metrics_interval_s={self.system_metrics_interval_s!r} must be "
+                             f"a number of seconds > 0 (e.g. 10), or set tracking.system_metrics=false")
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def check_shared_dir(accelerator, out: Path) -> None:
         sees = probe.read_text() == token[0]
     except OSError:
         sees = False
-    node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("MACHINE_RANK") or "?"
+    node = node_rank() or "?"
     rows = gather(accelerator, (accelerator.process_index, node, socket.gethostname(), sees, err))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -91,6 +91,19 @@ def check_shared_dir(accelerator, out: Path) -> None:
                         f"what rank 0 wrote there. Checkpoints need one directory all ranks read and write: put "
                         f"train.output_dir on storage every node mounts at the same path (NFS, a parallel "
                         f"filesystem), or run on one node")
+
+
+def node_rank() -> str | None:
+    """This process's node as its launcher numbers it: torchrun's GROUP_RANK, Ray Train's
+    NODE_RANK, accelerate launch's MACHINE_RANK; None when no launcher says."""
+    return os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("MACHINE_RANK")
+
+
+def num_nodes(accelerator) -> int:
+    """Nodes of the run: all processes over those on this node (LOCAL_WORLD_SIZE, set by
+    torchrun and Ray Train; a launcher that does not set it runs one node)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(1, accelerator.num_processes // max(1, local))
 
 
 def check_ranks_in_sync(accelerator, model) -> str:

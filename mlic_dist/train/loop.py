@@ -22,6 +22,7 @@ non-finite stops with status 1, naming the epoch, the step and the last good che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -46,9 +47,11 @@ from ..errors import DivergenceError, UserError
 from ..losses import build_loss
 from ..models import check_pretrained, convert_sync_batchnorm, create_model
 from ..tracking import tracker as tracking
+from ..tracking.system import SystemMetrics, run_id_from_record
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim
-from .distributed import build_accelerator, check_ranks_in_sync, check_shared_dir, gather, unwrap
+from .distributed import (build_accelerator, check_ranks_in_sync, check_shared_dir, gather, node_rank, num_nodes,
+                          unwrap)
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -428,6 +431,22 @@ def _start_tracking(run: Run, resumed) -> None:
     run.tracker.start(flatten(to_dict(cfg)), resume_run_id=previous, tags=tags, inputs=inputs)
 
 
+def _system_metrics(run: Run, resumed) -> SystemMetrics:
+    """MLflow's system metrics, sampled by each node's local rank 0 into the run (rank 0's
+    Tracker creates it; the other nodes read its id from tracking.json in the shared run dir)."""
+    acc, cfg = run.accelerator, run.cfg.tracking
+    nodes = num_nodes(acc)
+    if nodes > 1:   # tracking.json names this run, not a previous one, before another node reads it
+        acc.wait_for_everyone()
+    leader = acc.local_process_index == 0
+    source = (lambda: run.tracker.run_id) if acc.is_main_process else run_id_from_record(run.out)
+    system = SystemMetrics(cfg if leader else dataclasses.replace(cfg, system_metrics=False), source,
+                           node_id=f"node{node_rank() or acc.process_index}" if nodes > 1 else None,
+                           resume=resumed is not None)
+    system.start()
+    return system
+
+
 def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict:
     """Train, select on validation, score val/test with the best weights; returns metrics.json's dict.
 
@@ -461,6 +480,7 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
         print(optim.describe_batch(cfg, acc.num_processes), flush=True)
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
     _start_tracking(run, resumed)
+    system = _system_metrics(run, resumed)
     status = "FAILED"
     chance_logged = False
     try:
@@ -520,6 +540,7 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
         run.tracker.set_tags({"mlic.failure": str(e)[:4000]})
         raise
     finally:
+        system.stop()            # its last samples go in before the run ends
         run.tracker.finish(status)
 
 
