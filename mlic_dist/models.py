@@ -409,6 +409,21 @@ def _check_timm_name(name: str) -> str:
     return arch
 
 
+def timm_input_defaults(name: str) -> dict | None:
+    """What timm's pretrained_cfg of `timm/NAME` says of its input: {"size": side (px), "mean": (r, g, b),
+    "std": (r, g, b)} (fractions of 255, timm's convention), or None where timm has no cfg (an
+    unknown name is refused later, by check_backbone, with close names)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name[len(TIMM_PREFIX):])
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    if cfg is None or not cfg.input_size:
+        return None
+    return {"size": int(max(cfg.input_size[1:])), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+
+
 def _timm_state_dict_file(path: str) -> dict:
     """A timm checkpoint (`model.safetensors` from the Hugging Face hub, `pytorch_model.bin`, or a
     .pth of timm's own train.py, whose weights sit under state_dict / model / state_dict_ema),

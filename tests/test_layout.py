@@ -32,7 +32,8 @@ HEAVY = {"mlflow", "ray", "nvidia", "onnx", "onnxruntime", "torch", "torchvision
 # Own modules that may be imported inside a function, because they import a heavy dependency at
 # their top: the loader a config picks (DALI / webdataset), the MLflow model flavour, Ray Tune.
 LAZY_OWN = {"mlic_dist.data.dali", "mlic_dist.data.torch_loader", "mlic_dist.export.pyfunc",
-            "mlic_dist.sweep.progress"}
+            "mlic_dist.sweep.progress",
+            "mlic_dist.models"}    # torch and timm, which config (read by torch-free shard workers) must not import
 
 
 def _modules() -> dict[str, Path]:

@@ -185,3 +185,41 @@ def test_an_ensemble_of_timm_runs_is_named_without_a_slash():
     key = json.dumps({"model.backbone": "timm/test_vit", "data.augment": "M1", "seed": 0}, sort_keys=True)
     name = Group("scale", key, [], "data.size").name
     assert name.startswith("scale-timm_test_vit-M1-seed0-") and "/" not in name
+
+
+def test_input_size_and_normalisation_come_from_timms_pretrained_cfg_unless_set(tmp_path):
+    """A ViT gets its 224 px and 0.5 / 0.5, a TResNet its 0..1 pixels, a CLIP tower CLIP's mean,
+    where the config sets neither; what the config sets is kept; torchvision keeps our defaults;
+    a sweep's grid point resolves per backbone; a mean no preset has (DPN) is one ConfigError."""
+    import yaml
+
+    from mlic_dist.config import ConfigError, load_config, to_dict
+    from mlic_dist.config.choices import MEAN_STD
+    from mlic_dist.sweep.spec import load_sweep
+
+    def resolved(*overrides):
+        cfg = load_config(None, list(overrides))
+        return cfg.data.size, cfg.data.normalize
+
+    for arch in ("vit_tiny_patch16_224", "tresnet_m", "vit_base_patch16_clip_224", "efficientnet_b3"):
+        pc = timm.models.get_pretrained_cfg(arch)
+        size, preset = resolved(f"model.backbone=timm/{arch}")
+        assert size == pc.input_size[-1]
+        mean, std = MEAN_STD[preset]
+        assert [m / 255 for m in mean + std] == pytest.approx(list(pc.mean + pc.std), abs=1e-6)
+    assert resolved("model.backbone=timm/vit_tiny_patch16_224", "data.size=96") == (96, "half")
+    assert resolved("model.backbone=timm/efficientnet_b3", "data.normalize=half") == (288, "half")
+    assert resolved("model.backbone=resnet50") == (448, "imagenet")
+    saved = tmp_path / "config.yaml"                 # a run's own record reads back unchanged
+    saved.write_text(yaml.safe_dump(to_dict(load_config(None, ["model.backbone=timm/tresnet_m", "data.size=64"]))))
+    assert load_config(saved).data.size == 64
+    with pytest.raises(ConfigError, match=r"timm/dpn68: its pretrained_cfg normalises with mean .* set data.normalize"):
+        load_config(None, ["model.backbone=timm/dpn68"])
+    shards = build_small_shards(tmp_path / "data")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "data": {"shards": str(shards), "loader": "torch"}, "model": {"pretrained": "none"},
+        "train": {"epochs": 1}, "grid": {"model.backbone": ["tiny_cnn", "timm/vit_tiny_patch16_224"]},
+        "sweep": {"root": str(tmp_path / "runs")}}))
+    sizes = {t.cfg.model.backbone: (t.cfg.data.size, t.cfg.data.normalize) for t in load_sweep(sweep).trials()}
+    assert sizes == {"tiny_cnn": (448, "imagenet"), "timm/vit_tiny_patch16_224": (224, "half")}

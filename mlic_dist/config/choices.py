@@ -78,6 +78,9 @@ def describe() -> str:
 MEAN_STD = {
     "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
     "half": ((0.5 * 255,) * 3, (0.5 * 255,) * 3),
+    "clip": ((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255),      # OpenAI CLIP's image towers
+             (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)),
+    "unit": ((0.0,) * 3, (255.0,) * 3),                                  # pixels in 0..1 (TResNet)
 }
 
 LOSSES = ("bce", "asl", "focal")   # loss.name (mlic_dist/losses.py)

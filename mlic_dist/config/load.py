@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
+from .choices import MEAN_STD
 from .schema import Config, ConfigError
 
 
@@ -161,7 +162,35 @@ def _nest(dotted: str, value: Any) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    return build(Config, data)
+    return build(Config, with_model_input_defaults(data))
+
+
+def with_model_input_defaults(data: dict) -> dict:
+    """A timm backbone's own input size and normalisation (its pretrained_cfg) where the config
+    sets neither data.size nor data.normalize: a ViT built for 224 px with 0.5 / 0.5, a CLIP tower
+    with CLIP's mean. Set keys are kept; the resolved values are what config.yaml and MLflow record
+    (a run's own config.yaml sets both, so reading it back changes nothing). Torchvision
+    backbones keep the defaults."""
+    backbone = str((data.get("model") or {}).get("backbone", ""))
+    given = data.get("data") or {}
+    if not backbone.startswith("timm/") or ("size" in given and "normalize" in given):
+        return data
+    from ..models import timm_input_defaults   # torch and timm: only for a timm backbone
+
+    found = timm_input_defaults(backbone)
+    if found is None:
+        return data
+    filled = dict(given)
+    filled.setdefault("size", found["size"])
+    if "normalize" not in given:
+        preset = next((name for name, (mean, std) in MEAN_STD.items()
+                       if all(abs(a - b * 255) < 1e-3 for a, b in zip(mean + std, found["mean"] + found["std"]))), None)
+        if preset is None:
+            raise ConfigError(f"model.backbone={backbone}: its pretrained_cfg normalises with mean {found['mean']} "
+                              f"and std {found['std']}, none of data.normalize's presets {sorted(MEAN_STD)}; set "
+                              f"data.normalize to the closest one")
+        filled["normalize"] = preset
+    return {**data, "data": filled}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

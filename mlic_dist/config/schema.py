@@ -35,7 +35,7 @@ class DataConfig:
     shards: Optional[str] = None
     """A directory written by `python -m mlic_dist.shard` (holds manifest.json)."""
     size: int = 448
-    """Square input side in pixels (the paper uses 384, 448, 512)."""
+    """Square input side in pixels (the paper uses 384, 448, 512). Unset with a timm backbone: its pretrained_cfg's input size."""
     augment: str = "M2"
     """M0 = squash resize only; M1 = squash + flip; M2 = random-resized-crop + flip; M3 = M2 + OR-mixup on every other epoch; RA = M2 + RandAugment; CO = M2 + Cutout (mlic_dist/config/choices.py)."""
     loader: str = "dali"
@@ -45,7 +45,7 @@ class DataConfig:
     eval_batch_size_per_gpu: int = 0
     """Evaluation batch per process; 0 = 2 x batch_size_per_gpu."""
     normalize: str = "imagenet"
-    """imagenet (mean/std of ImageNet, for pretrained backbones) | half (0.5/0.5, the AdvancedCNN recipe)."""
+    """imagenet (mean/std of ImageNet, for pretrained backbones) | half (0.5/0.5, the AdvancedCNN recipe; timm's ViTs) | clip (OpenAI CLIP) | unit (0..1, TResNet). Unset with a timm backbone: what its pretrained_cfg uses."""
     difficult: str = "positive"
     """positive | ignore: how "ignore" (-1, VOC difficult) labels train. Metrics always ignore them."""
     rrc_scale: tuple[float, float] = (0.08, 1.0)
