@@ -254,7 +254,8 @@ class _Scorer:
         self.model.load_state_dict(sd)
         used = recompute_bn(self.model, bn_batches(self.train_loader, self.bn_limit)) if self.bn_limit > 0 else 0
         probs, loss = score_split(self.model, self.val_loader, len(self.val_labels), self.loss_fn)
-        value = metrics.mean_average_precision(probs, self.val_labels)
+        # a diverging average (non-finite scores) scores -inf: never kept, never an error
+        value = metrics.mean_average_precision(probs, self.val_labels) if np.isfinite(probs).all() else -np.inf
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return value, probs, loss, state, used
 
@@ -265,6 +266,9 @@ def greedy_soup(group: SoupGroup, scorer: _Scorer) -> Soup:
     best_sd = load_weights(items[0])
     sum_sd = add_into(None, best_sd)
     value, probs, loss, state, used = scorer(average_state_dicts(sum_sd, 1, best_sd))
+    if not np.isfinite(value):
+        raise EnsembleError(f"soup {group.name}: {items[0].label} gives non-finite validation scores after "
+                            f"the BatchNorm recompute; check its {rundir.BEST_MODEL}")
     soup = Soup(state, probs, loss, [], [items[0]], used)
     current = value
 
