@@ -47,6 +47,7 @@ THRESHOLDS = "thresholds.json"
 METRICS = "metrics.json"
 BEST_MODEL = "best_model.pt"
 ENSEMBLE = "ensemble.json"
+SOUP = "soup.json"             # a weight soup's ingredients (mlic_dist/ensemble/soup.py)
 TRACKING = "tracking.json"
 CHECKPOINTS = "checkpoints"
 SPLITS = ("val", "test")
@@ -156,7 +157,7 @@ def load_tracking(out: str | Path) -> Optional[dict]:
 def artifact_files(out: str | Path) -> list[Path]:
     """The small files a tracker uploads (no checkpoints, no weights)."""
     out = Path(out)
-    names = [CONFIG, CLASSES, HISTORY, METRICS, THRESHOLDS, ENSEMBLE]
+    names = [CONFIG, CLASSES, HISTORY, METRICS, THRESHOLDS, ENSEMBLE, SOUP]
     for split in SPLITS:
         names += [scores_file(split), targets_file(split), keys_file(split)]
     return [out / n for n in names if (out / n).is_file()]

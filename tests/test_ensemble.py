@@ -221,6 +221,9 @@ def test_greedy_matches_a_brute_force_reference():
 def test_build_ensembles_logs_each_kind_in_mlflow(trained, store, tmp_path):
     client = MlflowClient(store)
     built = ensemble.build_ensembles(EXPERIMENT, ["all"], store, out_dir=tmp_path / "ens")
+    soups = [r for r in built if not r.is_ensemble]   # "all" includes the weight soup (tests/test_soup.py)
+    assert [r.metrics["kind"] for r in soups] == ["soup"]
+    built = [r for r in built if r.is_ensemble]
     by_kind = {}
     for run in built:
         by_kind.setdefault(run.ensemble["kind"], []).append(run)
@@ -252,7 +255,8 @@ def test_build_ensembles_logs_each_kind_in_mlflow(trained, store, tmp_path):
     before = len(client.search_runs([exp_id]))
     again = ensemble.build_ensembles(EXPERIMENT, ["all"], store, out_dir=tmp_path / "ens")
     assert len(client.search_runs([exp_id])) == before
-    assert sorted(r.tracking["run_id"] for r in again) == sorted(r.tracking["run_id"] for r in built)
+    assert sorted(r.tracking["run_id"] for r in again) == sorted(r.tracking["run_id"] for r in built + soups)
+    again = [r for r in again if r.is_ensemble]
     assert all(not m["name"].startswith(("scale", "distr", "greedy")) for r in again for m in r.ensemble["members"])
 
 

@@ -32,6 +32,9 @@ def built(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     store = isolated_store(trained, tmp)
     ensembles = ensemble.build_ensembles(EXPERIMENT, ["all"], store, out_dir=tmp / "ensembles")
+    # "all" also builds a weight soup: a single model, kept out of the single-model table's config
+    # groups (test_single_model_table_has_every_run_... sees each training run once, not the soup)
+    assert [e.metrics["kind"] for e in ensembles if not e.is_ensemble] == ["soup"]
     rep = report.build_report(EXPERIMENT, store, tmp / "report")
     return store, ensembles, rep, tmp / "report"
 
@@ -80,6 +83,7 @@ def test_ensemble_table_compares_with_the_single_best_chosen_on_validation(train
     best_cfg = max(cfg_val, key=lambda k: np.mean(cfg_val[k]))
     assert rows[0]["method"].startswith("Single best (val)") and f"{best_cfg[0]} {best_cfg[1]} px" in rows[0]["method"]
     base = float(rows[0]["test_mAP"])
+    ensembles = [e for e in ensembles if e.is_ensemble]   # the soup is a single model (tests/test_soup.py)
     assert sorted(r["runs"] for r in rows[1:]) == sorted(e.name for e in ensembles)   # a row per ensemble
     for r in rows[1:]:
         e = next(e for e in ensembles if e.name == r["runs"])

@@ -13,6 +13,7 @@ from ..cli import entry_point
 from ..tracking import query as mq
 from .build import DEFAULT_OUT, KINDS, Target, __doc__ as DOC, build_ensemble, build_ensembles
 from .members import EnsembleError, check_weights, member_from_dir
+from .soup import DEFAULT_BN_BATCHES
 from .selection import digest
 
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dirs", nargs="+", type=Path, metavar="DIR", help="fuse these run directories")
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="fuse these MLflow runs (their run_dir tags)")
     p.add_argument("--select", nargs="+", choices=[*KINDS, "all"],
-                   help="with --experiment: build every ScaleEn / DistrEn / greedy ensemble among its runs")
+                   help="with --experiment: build every ScaleEn / DistrEn / greedy ensemble (soup: greedy "
+                        "weight soup, one model) among its runs")
     p.add_argument("--experiment", help="MLflow experiment: the runs to choose from (--select) or where "
                                         "to log a --run-dirs ensemble")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             f"--select, the directory the ensembles go under")
     p.add_argument("--greedy-init", type=int, default=3, help="greedy: best runs that start the ensemble")
     p.add_argument("--greedy-steps", type=int, default=20, help="greedy: forward-selection steps")
+    p.add_argument("--soup-bn-batches", type=int, default=DEFAULT_BN_BATCHES,
+                   help=f"soup: training batches (evaluation transform) its BatchNorm statistics are recomputed "
+                        f"on after averaging (default {DEFAULT_BN_BATCHES}; 0 keeps the averaged statistics)")
+    p.add_argument("--device", default="cpu", help="soup: where it is averaged, recomputed and scored (cpu, cuda)")
     p.add_argument("--no-tracking", action="store_true", help="write the directory only, log nothing to MLflow")
     return p
 
@@ -46,7 +52,9 @@ def _with_chance(split: dict) -> str:
 def _summary(run: rundir.RunDir) -> str:
     test = run.metrics.get("test", {})
     run_id = (run.tracking or {}).get("run_id")
-    return (f"{run.ensemble['kind']:<7} {run.name}: {len(run.ensemble['members'])} runs, "
+    kind, count = ((run.ensemble["kind"], len(run.ensemble["members"])) if run.is_ensemble else
+                   (run.metrics.get("kind"), f"{run.metrics.get('num_ingredients')} of {run.metrics.get('num_candidates')}"))
+    return (f"{kind:<7} {run.name}: {count} runs, "
             f"val mAP {_with_chance(run.metrics['val'])}"
             + (f", test mAP {_with_chance(test)}" if test.get("mAP") is not None else "")
             + f" -> {run.path}" + (f" (MLflow run {run_id})" if run_id else " (not in MLflow)"))
@@ -56,6 +64,8 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
     sources = [a for a in ("run_dirs", "runs", "select") if getattr(args, a)]
     if len(sources) != 1:
         raise EnsembleError("give exactly one of --run-dirs, --runs or --select (with --experiment)")
+    if args.soup_bn_batches < 0:
+        raise EnsembleError(f"--soup-bn-batches {args.soup_bn_batches} must be >= 0 (0: keep the averaged statistics)")
     if args.greedy_init < 1 or args.greedy_steps < 0:
         raise EnsembleError(f"--greedy-init {args.greedy_init} must be >= 1 and --greedy-steps "
                             f"{args.greedy_steps} >= 0")
@@ -67,7 +77,8 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
         if args.weights or args.name:
             raise EnsembleError("--weights and --name apply to one ensemble; drop them with --select")
         return build_ensembles(args.experiment, args.select, args.tracking_uri, args.parent_run_id,
-                               args.out or DEFAULT_OUT, greedy_init=args.greedy_init, greedy_steps=args.greedy_steps)
+                               args.out or DEFAULT_OUT, greedy_init=args.greedy_init, greedy_steps=args.greedy_steps,
+                               soup_bn_batches=args.soup_bn_batches, device=args.device)
     target = None
     if args.runs:
         client = mq.connect(args.tracking_uri)

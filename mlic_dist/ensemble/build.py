@@ -15,7 +15,8 @@ Python (the sweep, at its end): `build_ensembles("mlic", ["scale", "distr", "gre
   unless given; greedy: selection counts).
 - Kinds: `scale` (ScaleEn: runs that differ only in data.size), `distr` (DistrEn: only in
   data.augment), `greedy` (Caruana's ensemble selection over every finished run), `manual` (the
-  runs given). Grouping rules: `mlic_dist.ensemble.selection`.
+  runs given). Grouping rules: `mlic_dist.ensemble.selection`. `soup` is not a fusion: a greedy
+  weight soup, one model (mlic_dist/ensemble/soup.py; --soup-bn-batches, --device).
 - Every choice (members, greedy steps, per-class thresholds) uses the validation split; the test
   split is fused with the chosen weights and scored once.
 - Output: a run directory (default runs/ensembles/NAME) with the files of a training run
@@ -45,8 +46,10 @@ from ..tracking.store import resolve_uri
 from ..tracking.tracker import final_metrics
 from .members import AlignedSplit, EnsembleError, Member, align, check_weights, fuse, member_from_dir  # noqa: F401
 from .selection import VARY, EnsembleRule, Group, digest, find_groups, greedy_select
+from .soup import DEFAULT_BN_BATCHES, build_soups
 
-KINDS = ("scale", "distr", "greedy")
+KINDS = ("scale", "distr", "greedy", "soup")   # soup: a weight average, one model (soup.py), not a fusion
+FUSIONS = ("scale", "distr", "greedy")
 ENSEMBLE_FORMAT_VERSION = 1
 DEFAULT_OUT = Path("runs/ensembles")
 
@@ -164,8 +167,8 @@ def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=N
                    greedy_init: int = 3, greedy_steps: int = 20) -> rundir.RunDir:
     """Fuse `members` (all of them, with `weights`; greedy: the selected ones with their counts),
     write the ensemble directory, log it to `target`; returns the directory as `load_run` reads it."""
-    if kind not in (*KINDS, "manual"):
-        raise EnsembleError(f"ensemble kind {kind!r} is not one of {[*KINDS, 'manual']}")
+    if kind not in (*FUSIONS, "manual"):
+        raise EnsembleError(f"ensemble kind {kind!r} is not one of {[*FUSIONS, 'manual']}")
     members = list(members)
     out = Path(out) if out is not None else Path(out_dir) / name
     _check_out(out)
@@ -256,12 +259,15 @@ def _selections(select: Sequence) -> list:
 def build_ensembles(experiment: str, select: Sequence, tracking_uri: Optional[str],
                     parent_run_id: Optional[str] = None, out_dir: Path = DEFAULT_OUT,
                     run_ids: Optional[list[str]] = None, greedy_init: int = 3,
-                    greedy_steps: int = 20) -> list[rundir.RunDir]:
+                    greedy_steps: int = 20, soup_bn_batches: int = DEFAULT_BN_BATCHES,
+                    device: str = "cpu") -> list[rundir.RunDir]:
     """Every ensemble of the `select`ed kinds (or `EnsembleRule`s: a ScaleEn / DistrEn of the runs
     a rule names, e.g. the paper's Table 3) among the FINISHED training runs of `experiment`
     (all of them, those nested under `parent_run_id`, or exactly `run_ids`), each written under
     `out_dir` and logged in the experiment (nested under `parent_run_id` when given). Runs whose
-    directory is not on this machine are skipped with a warning (an error for `run_ids`)."""
+    directory is not on this machine are skipped with a warning (an error for `run_ids`), and so
+    are runs made from other runs (tag mlic.derived: soups, distilled students). `soup` builds
+    greedy weight soups (soup.py; `soup_bn_batches`, `device`) instead of fused ensembles."""
     selections = _selections(select)
     check_dir(out_dir, "--out", EnsembleError)   # before querying MLflow and loading every run
     client = mq.connect(tracking_uri)
@@ -270,6 +276,8 @@ def build_ensembles(experiment: str, select: Sequence, tracking_uri: Optional[st
     for r in runs:
         if r.run_dir is None and not run_ids:
             continue   # not a training run (a sweep's parent run, say): the trainer tags run_dir
+        if r.derived:
+            continue   # a soup or a student is never folded back into an ensemble or a soup
         try:
             members.append(member_from_dir(mq.run_dir_of(r), r))
         except (mq.TrackingQueryError, rundir.RunDirError, EnsembleError) as e:
@@ -285,6 +293,9 @@ def build_ensembles(experiment: str, select: Sequence, tracking_uri: Optional[st
     for selection in selections:
         rule = selection if isinstance(selection, EnsembleRule) else None
         kind = rule.kind if rule is not None else selection
+        if kind == "soup":
+            built += build_soups(members, out_dir, target, parent_run_id, suffix, soup_bn_batches, device)
+            continue
         if kind in VARY:
             groups = find_groups(members, kind, lambda m: m.flat_config, lambda m: m.start_time,
                                  lambda m: m.label, rule=rule)

@@ -59,6 +59,7 @@ class ReportError(UserError, ValueError):
 
 
 Entry = mq.FinishedRun   # a report's row source: a finished training run or ensemble
+DERIVED_KINDS = ("soup", "distill")   # metrics.json "kind" of a single model made from other runs
 
 
 def value(e: Entry, split: str, rule: Optional[str] = None, key: str = "mAP") -> float:
@@ -144,10 +145,12 @@ def _metric_columns(split: str) -> list[tuple[str, str, Optional[str], str]]:
 
 
 def single_groups(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
-    """Training runs by configuration (every model-defining key but the seed)."""
+    """Training runs by configuration (every model-defining key but the seed). A model made from
+    other runs (metrics.json kind soup / distill) is not a training configuration: its config is
+    its best ingredient's or its student's recipe, so it is left out of these groups."""
     groups: dict[str, list[Entry]] = {}
     for e in entries:
-        if not e.is_ensemble:
+        if not e.is_ensemble and e.run.metrics.get("kind") not in DERIVED_KINDS:
             cfg = {k: v for k, v in model_config(e.flat_config).items() if k != "seed"}
             groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(e)
     return groups

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..models import check_backbone, check_pretrained, is_timm, missing_pretrained
 from ..train.optim import check_batch_policy
 
-ENSEMBLE_KINDS = ("scale", "distr", "greedy", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
+ENSEMBLE_KINDS = ("scale", "distr", "greedy", "soup", "all")  # mlic_dist.ensemble's KINDS, and "all" of them
 # Keys the sweep sets for every trial itself: gridding over them would break tracking or resume.
 RESERVED = {"train.output_dir": "the sweep derives each trial's output directory from its grid point; set sweep.root",
             "train.resume": "retried and resumed trials continue from their checkpoints (train.resume=auto)",

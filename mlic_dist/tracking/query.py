@@ -26,6 +26,9 @@ from .store import resolve_uri
 KIND_TAG = "mlic.kind"
 ENSEMBLE_KIND_TAG = "mlic.ensemble_kind"
 MEMBERS_TAG = "mlic.members"
+DERIVED_TAG = "mlic.derived"       # a single model made from other runs: soup | distill
+INGREDIENTS_TAG = "mlic.ingredients"   # a soup's kept runs, in the order kept
+CANDIDATES_TAG = "mlic.candidates"     # every run a soup tried
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 RUN_DIR_TAG = "run_dir"
@@ -54,6 +57,11 @@ class TrackedRun:
     @property
     def parent_run_id(self) -> Optional[str]:
         return self.tags.get(PARENT_TAG)
+
+    @property
+    def derived(self) -> Optional[str]:
+        """soup | distill for a single model made from other runs, None for a training run."""
+        return self.tags.get(DERIVED_TAG)
 
     @property
     def run_dir(self) -> Optional[Path]:
