@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from .. import rundir
 from ..atomic import check_dir
 from ..cli import entry_point
@@ -14,10 +16,11 @@ from ..tracking import query as mq
 from .build import DEFAULT_OUT, KINDS, Target, __doc__ as DOC, build_ensemble, build_ensembles
 from .members import EnsembleError, check_weights, member_from_dir
 from .selection import digest
+from .tta import __doc__ as TTA_DOC, build_tta, parse_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlic_dist.ensemble", description=DOC,
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.ensemble", description=DOC + "\n" + TTA_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dirs", nargs="+", type=Path, metavar="DIR", help="fuse these run directories")
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="fuse these MLflow runs (their run_dir tags)")
@@ -35,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy-init", type=int, default=3, help="greedy: best runs that start the ensemble")
     p.add_argument("--greedy-steps", type=int, default=20, help="greedy: forward-selection steps")
     p.add_argument("--no-tracking", action="store_true", help="write the directory only, log nothing to MLflow")
+    p.add_argument("--tta", metavar="SPEC", help="test-time augmentation of the ONE run given (--run-dirs or "
+                                                 "--runs): its views, e.g. flip, sizes=384,448,512,flip")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--tta: where the views are scored")
     return p
 
 
@@ -61,6 +67,12 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
                             f"{args.greedy_steps} >= 0")
     if args.out is not None:
         check_dir(args.out, "--out", EnsembleError)   # before reading any run
+    spec = parse_spec(args.tta) if args.tta is not None else None
+    if spec is not None and (args.select or args.weights):
+        raise EnsembleError(f"--tta {args.tta!r} takes one run (--run-dirs DIR or --runs RUN_ID) and no "
+                            f"--select or --weights: its views are the members")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise EnsembleError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.select:
         if not args.experiment:
             raise EnsembleError("--select needs --experiment NAME (the MLflow experiment of the runs)")
@@ -82,6 +94,12 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
         elif len(where) == 1 and None not in where:
             uri, experiment = next(iter(where.items()))
             target = Target(uri, experiment)
+    if spec is not None:
+        if len(members) != 1:
+            raise EnsembleError(f"--tta {args.tta!r} takes one run, got {len(members)}; its views are the members")
+        return [build_tta(members[0], spec, name=args.name, out=args.out,
+                          target=None if args.no_tracking else target, parent_run_id=args.parent_run_id,
+                          device=args.device)]
     check_weights(args.weights, len(members))
     if args.no_tracking:
         target = None
