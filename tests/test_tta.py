@@ -6,6 +6,9 @@ error line, and the MLflow run carries the TTA tags."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from mlic_dist.export.model import read_metadata
 from mlic_dist.models import create_model
 from mlic_dist.predict import Predictor, predict_files
 
+ROOT = Path(__file__).resolve().parents[1]
 RUN = "m1-32-s0"                # data.size 32
 SPEC = "sizes=32,40,flip"       # 4 views: 32, 32+flip, 40, 40+flip
 TOLERANCE = 1e-4                # the loaders decode with torchvision, by hand with PIL (measured ~1e-6)
@@ -161,7 +165,11 @@ def test_exported_tta_matches_predict(trained, tta_dir, split_files, tmp_path, f
     files = sorted(split_files["val"].values())[:6]
     expected = Predictor(tta_dir)([load_rgb(f.read_bytes()) for f in files])            # (6, C)
     done = export_file(tta_dir, fmt, tmp_path / "tta.model")
-    from_run = export_file(trained.runs[RUN], fmt, tmp_path / "run.model", tta=SPEC)
+    p = subprocess.run([sys.executable, "-m", "mlic_dist.export", "--run-dir", str(trained.runs[RUN]), "--tta", SPEC,
+                        "--format", fmt, "--out", str(tmp_path / "run.model")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    from_run = json.loads(p.stdout)
     assert done["members"] == from_run["members"] == 4
     for path in (tmp_path / "tta.model", tmp_path / "run.model"):
         meta = read_metadata(path) if fmt == "torchscript" else None
