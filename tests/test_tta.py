@@ -26,7 +26,7 @@ from mlic_dist.ensemble import __main__ as ensemble_cli
 from mlic_dist.export.formats import ONNX_TOLERANCE, TORCHSCRIPT_TOLERANCE, export_file
 from mlic_dist.export.model import read_metadata
 from mlic_dist.models import create_model
-from mlic_dist.predict import Predictor, predict_files
+from mlic_dist.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "m1-32-s0"                # data.size 32

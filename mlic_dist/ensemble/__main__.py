@@ -52,7 +52,8 @@ def _with_chance(split: dict) -> str:
 def _summary(run: rundir.RunDir) -> str:
     test = run.metrics.get("test", {})
     run_id = (run.tracking or {}).get("run_id")
-    return (f"{run.ensemble['kind']:<7} {run.name}: {len(run.ensemble['members'])} runs, "
+    return (f"{run.ensemble['kind']:<7} {run.name}: {len(run.ensemble['members'])} "
+            f"{'views of one run' if run.ensemble['kind'] == 'tta' else 'runs'}, "
             f"val mAP {_with_chance(run.metrics['val'])}"
             + (f", test mAP {_with_chance(test)}" if test.get("mAP") is not None else "")
             + f" -> {run.path}" + (f" (MLflow run {run_id})" if run_id else " (not in MLflow)"))
