@@ -4,6 +4,7 @@ CPU:     python -m mlic_dist.predict --run-dir runs/NAME photos/ extra.png [--fo
              [--out preds.jsonl] [--batch-size 32] [--top-k 3]
 one GPU: python -m mlic_dist.predict --run-dir runs/NAME photos/ --device cuda
 MLflow:  python -m mlic_dist.predict --run RUN_ID [--tracking-uri URI] photos/
+TTA:     python -m mlic_dist.predict --run-dir runs/NAME --tta sizes=384,448,512,flip photos/
 
 INPUT: image files or directories (searched recursively for image suffixes, sorted). Each image
 is converted as the shard command converts (EXIF rotation, transparency, grayscale / CMYK /
@@ -11,6 +12,11 @@ palette -> RGB) and goes through the run's own evaluation transform (data/transf
 to data.size, bilinear, antialias; data.normalize) into its best_model.pt (weights_only load).
 An ensemble directory predicts with each member (at the member's own size) and fuses the
 probabilities with the ensemble's weights, exactly as `mlic_dist.ensemble` fused them.
+--tta SPEC (mlic_dist/ensemble/tta.py: `flip`, `sizes=384,448,512`, `sizes=384,448,512,flip`)
+predicts each view of the run (of each member, for an ensemble: a member's views share its
+weight) and fuses their probabilities by the mean; a TTA directory (`mlic_dist.ensemble
+--run-dirs RUN --tta SPEC`) predicts with its views the same way (a view resizes as evaluation
+does, then mirrors the resized image when it flips).
 
 Output (stdout, or --out FILE), one record per image in input order:
   jsonl: {"file", "labels": [names with score >= the run's tuned per-class threshold],
@@ -30,7 +36,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -42,7 +48,8 @@ from .atomic import check_file, replace_with
 from .cli import entry_point
 from .data.normalize import Normalizer
 from .data.transforms import eval_resize, load_rgb
-from .ensemble.members import fuse
+from .ensemble.members import EnsembleError, fuse
+from .ensemble.tta import TTASpec, ViewSpecError, parse_spec, view_from_dict
 from .errors import UserError
 from .models import create_model
 from .tracking import query as mq
@@ -61,6 +68,7 @@ class MemberModel:
     normalizer: object            # data.normalize.Normalizer of the member's data.normalize
     weight: float
     name: str
+    flip: bool = False            # a TTA view: mirrored left-right after the resize
 
 
 def load_member(path: Path, device: torch.device, weight: float = 1.0) -> tuple[MemberModel, list[str]]:
@@ -83,36 +91,70 @@ def load_member(path: Path, device: torch.device, weight: float = 1.0) -> tuple[
     return MemberModel(model, cfg.data.size, Normalizer(cfg.data.normalize, device), weight, run.name), run.classes
 
 
-class Predictor:
-    """Probabilities (B, C) of a run (one member) or an ensemble (its weighted members)."""
+def parse_tta(spec) -> Optional[TTASpec]:
+    """--tta's text (or a TTASpec, or None) -> TTASpec; a bad spec is a PredictError."""
+    if spec is None or isinstance(spec, TTASpec):
+        return spec
+    try:
+        return parse_spec(spec)
+    except ViewSpecError as e:
+        raise PredictError(str(e)) from None
 
-    def __init__(self, path: Path, device: str = "cpu"):
+
+class Predictor:
+    """Probabilities (B, C) of a run (one member), an ensemble (its weighted members) or a TTA
+    directory (its views); `tta` (a spec, mlic_dist/ensemble/tta.py) adds views to each member."""
+
+    def __init__(self, path: Path, device: str = "cpu", tta=None):
         self.device = torch.device(device)
+        tta = parse_tta(tta)
         run = rundir.load_run(path, splits=())
         self.classes = run.classes
         if run.thresholds is None:
             raise PredictError(f"{run.path} has no {rundir.THRESHOLDS}; it is not a finished run")
         self.thresholds = run.thresholds                      # (C,) tuned on validation
         if run.is_ensemble:
-            specs = [(Path(m["run_dir"]), float(m["weight"])) for m in run.ensemble.get("members", [])]
-            if not specs:
+            entries = run.ensemble.get("members", [])
+            if not entries:
                 raise PredictError(f"{run.path / rundir.ENSEMBLE} lists no members")
+            if tta is not None and run.ensemble.get("kind") == "tta":
+                raise PredictError(f"{run.path} is already a TTA ensemble (its members are views); drop --tta, "
+                                   f"or give --tta with the run {entries[0]['run_dir']}")
+            try:
+                specs = [(Path(m["run_dir"]), float(m["weight"]),
+                          view_from_dict(m["view"], str(run.path / rundir.ENSEMBLE)) if "view" in m else None)
+                         for m in entries]
+            except EnsembleError as e:
+                raise PredictError(str(e)) from None
         else:
-            specs = [(run.path, 1.0)]
+            specs = [(run.path, 1.0, None)]
         self.members = []
-        for member_dir, weight in specs:
-            member, classes = load_member(member_dir, self.device, weight)
+        loaded: dict = {}    # run directory -> (MemberModel, classes): a run's views share one network
+        for member_dir, weight, view in specs:
+            key = str(member_dir.resolve())
+            if key not in loaded:
+                loaded[key] = load_member(member_dir, self.device, weight)
+            member, classes = loaded[key]
             if classes != self.classes:
                 raise PredictError(f"member {member_dir} has classes {classes}, the ensemble {run.path} "
                                    f"has {self.classes}; rebuild the ensemble")
-            self.members.append(member)
+            if tta is not None:
+                views = tta.views(member.size)
+            else:
+                views = [view] if view is not None else [None]
+            for v in views:
+                self.members.append(replace(member, weight=weight) if v is None else
+                                    replace(member, size=v.size, flip=v.flip, weight=weight))
 
     @torch.no_grad()
     def __call__(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         """images: B uint8 (3, H, W) RGB -> (B, C) float32 fused probabilities."""
         probs = []
+        resized: dict = {}   # size -> (B, 3, S, S) uint8: views of one size resize once
         for m in self.members:
-            batch = torch.stack([eval_resize(img, m.size) for img in images])         # (B, 3, S, S) uint8
+            if m.size not in resized:
+                resized[m.size] = torch.stack([eval_resize(img, m.size) for img in images])
+            batch = resized[m.size].flip(3) if m.flip else resized[m.size]            # (B, 3, S, S) uint8
             logits = m.model(m.normalizer(batch)).float()                             # (B, C)
             probs.append(torch.sigmoid(logits).cpu().numpy())
         return fuse(probs, [m.weight for m in self.members])
@@ -209,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--tta", metavar="SPEC", help="test-time augmentation views, fused by the mean: flip, "
+                                                 "sizes=384,448,512 or sizes=384,448,512,flip")
     return p
 
 
@@ -221,10 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            f"{args.workers} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: no CUDA device is visible; use --device cpu")
+    tta = parse_tta(args.tta)
     if args.out is not None:   # before any image is predicted
         check_file(args.out, "--out", PredictError, example=f"preds.{args.format}")
     files = find_images(args.inputs)
-    predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device)
+    predictor = Predictor(mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri), args.device, tta)
     start = time.perf_counter()
     records = predict_files(predictor, files, args.batch_size, args.top_k, args.workers)
     if args.out is None:
@@ -234,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n, errors = write_records(records, predictor.classes, args.format, f)
     seconds = time.perf_counter() - start
     print(f"{n - errors} of {n} images predicted in {seconds:.2f} s ({(n - errors) / max(seconds, 1e-9):.1f} "
-          f"images/s, {len(predictor.members)} model(s), {args.device})"
+          f"images/s, {len(predictor.members)} forward pass(es) per image, {args.device})"
           + (f"; {errors} could not be read (see their error records)" if errors else ""), file=sys.stderr)
     return 1 if errors else 0
 

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from .. import rundir
 from ..atomic import check_dir
 from ..cli import entry_point
@@ -15,10 +17,11 @@ from .build import DEFAULT_OUT, KINDS, Target, __doc__ as DOC, build_ensemble, b
 from .members import EnsembleError, check_weights, member_from_dir
 from .soup import DEFAULT_BN_BATCHES
 from .selection import digest
+from .tta import __doc__ as TTA_DOC, build_tta, parse_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlic_dist.ensemble", description=DOC,
+    p = argparse.ArgumentParser(prog="python -m mlic_dist.ensemble", description=DOC + "\n" + TTA_DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dirs", nargs="+", type=Path, metavar="DIR", help="fuse these run directories")
     p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="fuse these MLflow runs (their run_dir tags)")
@@ -39,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soup-bn-batches", type=int, default=DEFAULT_BN_BATCHES,
                    help=f"soup: training batches (evaluation transform) its BatchNorm statistics are recomputed "
                         f"on after averaging (default {DEFAULT_BN_BATCHES}; 0 keeps the averaged statistics)")
-    p.add_argument("--device", default="cpu", help="soup: where it is averaged, recomputed and scored (cpu, cuda)")
     p.add_argument("--no-tracking", action="store_true", help="write the directory only, log nothing to MLflow")
+    p.add_argument("--tta", metavar="SPEC", help="test-time augmentation of the ONE run given (--run-dirs or "
+                                                 "--runs): its views, e.g. flip, sizes=384,448,512,flip")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--tta: where the views are scored; soup: where it is averaged, recomputed and scored")
     return p
 
 
@@ -52,9 +57,13 @@ def _with_chance(split: dict) -> str:
 def _summary(run: rundir.RunDir) -> str:
     test = run.metrics.get("test", {})
     run_id = (run.tracking or {}).get("run_id")
-    kind, count = ((run.ensemble["kind"], len(run.ensemble["members"])) if run.is_ensemble else
-                   (run.metrics.get("kind"), f"{run.metrics.get('num_ingredients')} of {run.metrics.get('num_candidates')}"))
-    return (f"{kind:<7} {run.name}: {count} runs, "
+    if run.is_ensemble:
+        kind, count = run.ensemble["kind"], len(run.ensemble["members"])
+        what = "views of one run" if kind == "tta" else "runs"
+    else:
+        kind, what = run.metrics.get("kind"), "runs"
+        count = f"{run.metrics.get('num_ingredients')} of {run.metrics.get('num_candidates')}"
+    return (f"{kind:<7} {run.name}: {count} {what}, "
             f"val mAP {_with_chance(run.metrics['val'])}"
             + (f", test mAP {_with_chance(test)}" if test.get("mAP") is not None else "")
             + f" -> {run.path}" + (f" (MLflow run {run_id})" if run_id else " (not in MLflow)"))
@@ -71,6 +80,12 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
                             f"{args.greedy_steps} >= 0")
     if args.out is not None:
         check_dir(args.out, "--out", EnsembleError)   # before reading any run
+    spec = parse_spec(args.tta) if args.tta is not None else None
+    if spec is not None and (args.select or args.weights):
+        raise EnsembleError(f"--tta {args.tta!r} takes one run (--run-dirs DIR or --runs RUN_ID) and no "
+                            f"--select or --weights: its views are the members")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise EnsembleError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.select:
         if not args.experiment:
             raise EnsembleError("--select needs --experiment NAME (the MLflow experiment of the runs)")
@@ -93,6 +108,12 @@ def run_cli(args: argparse.Namespace) -> list[rundir.RunDir]:
         elif len(where) == 1 and None not in where:
             uri, experiment = next(iter(where.items()))
             target = Target(uri, experiment)
+    if spec is not None:
+        if len(members) != 1:
+            raise EnsembleError(f"--tta {args.tta!r} takes one run, got {len(members)}; its views are the members")
+        return [build_tta(members[0], spec, name=args.name, out=args.out,
+                          target=None if args.no_tracking else target, parent_run_id=args.parent_run_id,
+                          device=args.device)]
     check_weights(args.weights, len(members))
     if args.no_tracking:
         target = None

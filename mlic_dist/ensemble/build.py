@@ -50,6 +50,7 @@ from .soup import DEFAULT_BN_BATCHES, build_soups
 
 KINDS = ("scale", "distr", "greedy", "soup")   # soup: a weight average, one model (soup.py), not a fusion
 FUSIONS = ("scale", "distr", "greedy")
+TTA_VIEWS_TAG = "mlic.tta_views"   # a TTA ensemble's views, e.g. 32,32+flip,40,40+flip
 ENSEMBLE_FORMAT_VERSION = 1
 DEFAULT_OUT = Path("runs/ensembles")
 
@@ -90,6 +91,7 @@ def _note(kind: str, members: Sequence[Member], weights: np.ndarray, member_map:
     title = {"scale": "ScaleEn (members differ only in data.size)",
              "distr": "DistrEn (members differ only in data.augment)",
              "greedy": "Greedy ensemble selection (Caruana et al. 2004) on validation",
+             "tta": "Test-time augmentation: one run, each member a view (size, flip)",
              "manual": "Ensemble of the given runs"}[kind]
     lines = [f"**{title}**: weighted mean of the members' probabilities.", "",
              "| member | weight | val mAP |", "|---|---|---|"]
@@ -128,8 +130,8 @@ def _previous_run(out: Path, uri: str, experiment: str, doc: dict) -> Optional[s
         old_doc = json.loads((out / rundir.ENSEMBLE).read_text())
     except (OSError, ValueError):
         return None
-    same = [(m["run_dir"], m["weight"]) for m in old_doc.get("members", [])] == \
-           [(m["run_dir"], m["weight"]) for m in doc["members"]]
+    same = [(m["run_dir"], m["weight"], m.get("view")) for m in old_doc.get("members", [])] == \
+           [(m["run_dir"], m["weight"], m.get("view")) for m in doc["members"]]
     return derived.previous_run(out, uri, experiment, "ensemble") if same else None
 
 
@@ -146,7 +148,7 @@ def _fill_from_mlflow(members: Sequence[Member], client) -> None:
 
 def log_ensemble(out: Path, target: Target, members: Sequence[Member], weights: np.ndarray, kind: str,
                  name: str, result: dict, member_map, parent_run_id: Optional[str],
-                 previous: Optional[str]) -> Optional[str]:
+                 previous: Optional[str], views: Optional[Sequence] = None) -> Optional[str]:
     """The ensemble as an MLflow run in `target.experiment`, nested under the members' common
     parent (a sweep) or `parent_run_id`; returns its id (None when MLflow was unreachable)."""
     parents = {m.parent_run_id for m in members}
@@ -155,8 +157,13 @@ def log_ensemble(out: Path, target: Target, members: Sequence[Member], weights: 
             mq.NOTE_TAG: _note(kind, members, weights, member_map)}
     for tag, key in (("backbone", "model.backbone"), ("augment", "data.augment"), ("size", "data.size")):
         tags[tag] = ",".join(str(v) for v in _distinct(m.flat_config.get(key) for m in members))
+    params = _params(members, weights, kind)
+    if views is not None:   # TTA: the run once, and its views (mlic_dist/ensemble/tta.py)
+        tags[mq.MEMBERS_TAG] = ",".join(_distinct(m.run_id or str(m.run.path) for m in members))
+        tags[TTA_VIEWS_TAG] = params["tta.views"] = ",".join(v.label for v in views)
+        tags["size"] = ",".join(_distinct(str(v.size) for v in views))
     return derived.log_derived(out, uri=target.uri, experiment=target.experiment, run_name=name, kind="ensemble",
-                               params=_params(members, weights, kind), tags=tags,
+                               params=params, tags=tags,
                                metrics=final_metrics(result),   # the names of a training run's final metrics
                                artifacts=rundir.artifact_files(out), parent_run_id=parent, previous=previous)
 
@@ -164,15 +171,18 @@ def log_ensemble(out: Path, target: Target, members: Sequence[Member], weights: 
 def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=None,
                    out: Optional[Path] = None, out_dir: Path = DEFAULT_OUT, target: Optional[Target] = None,
                    parent_run_id: Optional[str] = None, group: Optional[Group] = None,
-                   greedy_init: int = 3, greedy_steps: int = 20) -> rundir.RunDir:
+                   greedy_init: int = 3, greedy_steps: int = 20, scored: Optional[dict] = None,
+                   views: Optional[Sequence] = None) -> rundir.RunDir:
     """Fuse `members` (all of them, with `weights`; greedy: the selected ones with their counts),
-    write the ensemble directory, log it to `target`; returns the directory as `load_run` reads it."""
-    if kind not in (*FUSIONS, "manual"):
-        raise EnsembleError(f"ensemble kind {kind!r} is not one of {[*FUSIONS, 'manual']}")
+    write the ensemble directory, log it to `target`; returns the directory as `load_run` reads it.
+    TTA (kind "tta", ensemble/tta.py): `members` is the run once per view, `views` the views and
+    `scored` {split: AlignedSplit} their scores, computed live instead of read from the members."""
+    if kind not in (*FUSIONS, "manual", "tta"):
+        raise EnsembleError(f"ensemble kind {kind!r} is not one of {[*FUSIONS, 'manual', 'tta']}")
     members = list(members)
     out = Path(out) if out is not None else Path(out_dir) / name
     _check_out(out)
-    classes, splits = align(members)
+    classes, splits = align(members) if scored is None else (list(members[0].run.classes), scored)
     val = splits["val"]
     candidate_map = [metrics.mean_average_precision(s, val.targets) for s in val.scores]
     greedy_doc = None
@@ -192,7 +202,8 @@ def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=N
     w = check_weights(weights, len(members))
     fused = {split: fuse(a.scores, w) for split, a in splits.items()}
     thresholds = metrics.tune_thresholds(fused["val"], val.targets)      # validation only
-    result = {"kind": "ensemble", "ensemble_kind": kind, "num_members": len(members), "selection_split": "val"}
+    result = {"kind": "ensemble", "ensemble_kind": kind, "num_members": len(members), "selection_split": "val",
+              "forward_passes": len(members)}   # one network pass per member (TTA: per view) and image
     for split, a in splits.items():
         result[split] = metrics.evaluate(fused[split], a.targets, classes=classes, thresholds=thresholds)
     doc = {"format_version": ENSEMBLE_FORMAT_VERSION, "kind": kind, "name": name,
@@ -201,6 +212,8 @@ def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=N
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "members": [{"run_dir": str(m.run.path.resolve()), "run_id": m.run_id, "name": m.name,
                         "weight": float(wi), "val_mAP": v} for m, wi, v in zip(members, w, candidate_map)]}
+    for entry, view in zip(doc["members"], views or ()):
+        entry["view"] = view.to_dict()
     if group is not None:
         doc["group"] = {"vary": group.vary, "config": json.loads(group.key),
                         "values": [m.flat_config.get(group.vary) for m in members]}
@@ -214,7 +227,7 @@ def build_ensemble(members: Sequence[Member], kind: str, *, name: str, weights=N
     _write_dir(out, classes, splits, fused, thresholds, result, doc)
     if target is not None:
         _fill_from_mlflow(members, mq.connect(target.uri))
-        log_ensemble(out, target, members, w, kind, name, result, candidate_map, parent_run_id, previous)
+        log_ensemble(out, target, members, w, kind, name, result, candidate_map, parent_run_id, previous, views)
     return rundir.load_run(out)
 
 

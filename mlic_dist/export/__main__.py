@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from ..cli import entry_point
 from ..tracking import query as mq
 from .formats import FILE_FORMATS, __doc__ as FORMATS_DOC, export_file
+from ..predict import parse_tta
 from .model import ExportError, load
 
 FORMATS = (*FILE_FORMATS, "mlflow")
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", type=Path, help="the file to write (onnx, torchscript)")
     p.add_argument("--register", metavar="NAME", help="--format mlflow: also register the model under NAME")
+    p.add_argument("--tta", metavar="SPEC", help="test-time augmentation views in the model (as predict --tta): "
+                                                 "flip, sizes=384,448,512 or sizes=384,448,512,flip")
     return p
 
 
@@ -34,17 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     mq.fail_fast_http()
+    tta = parse_tta(args.tta)   # a bad spec: one line, before anything is loaded
     run_dir = mq.resolve_run_dir(args.run_dir, args.run, args.tracking_uri)
     if args.format == "mlflow":
         from .pyfunc import log_model  # imports mlflow's model flavours (seconds), only for this format
 
-        module, meta = load(run_dir)
+        module, meta = load(run_dir, tta)
         result = log_model(module, meta, run_dir, tracking_uri=args.tracking_uri, run_id=args.run,
                            register=args.register)
     elif args.out is None:
         raise ExportError(f"--format {args.format} writes a file: give --out FILE")
     else:
-        result = export_file(run_dir, args.format, args.out)
+        result = export_file(run_dir, args.format, args.out, tta)
     print(json.dumps(result))
     return 0
 

@@ -6,6 +6,7 @@ or log it to MLflow as a servable pyfunc model (mlic_dist/export/pyfunc.py).
     python -m mlic_dist.export --run-dir runs/NAME --format torchscript --out model.pt
     python -m mlic_dist.export --run RUN_ID [--tracking-uri URI] --format onnx --out model.onnx
     python -m mlic_dist.export --run-dir runs/NAME --format mlflow [--register NAME]
+    python -m mlic_dist.export --run-dir runs/NAME --tta sizes=384,448,512,flip --format onnx --out model.onnx
     (then: mlflow models serve -m models:/MODEL_ID --env-manager local --host 127.0.0.1 -p 5001;
      the command prints the URIs; mlic_dist/export/pyfunc.py describes the request and the answer)
 
@@ -17,12 +18,15 @@ ensemble's members otherwise, each at its own data.size): squash-resize to S x S
 antialiased, on uint8: the kernel of `transforms.eval_resize`, which predict and the loaders'
 evaluation use), normalise (the member's data.normalize), the network, sigmoid; then the weighted
 mean of the members' probabilities (`ensemble.members.fuse`'s weights). A class is predicted when its
-probability >= its threshold (tuned on validation).
+probability >= its threshold (tuned on validation). TTA (a TTA directory, or `--tta SPEC` on a
+run or ensemble: mlic_dist/ensemble/tta.py): one member per view, each resizing to the view's
+size and, when it flips, mirroring the resized image left-right; the views of a run share its
+network in the file.
 
 Metadata (`read_metadata(path)` reads both formats): a JSON object under the key `mlic_dist`
 (ONNX `metadata_props`; TorchScript `_extra_files["mlic_dist.json"]`) with format_version, input,
 output, classes, thresholds, kind (run | ensemble), source, run_id and members [{name, backbone,
-size, normalize, weight}]; ONNX also gets `classes` and `thresholds` as their own JSON props.
+size, normalize, weight, flip}]; ONNX also gets `classes` and `thresholds` as their own JSON props.
 
 Each export is checked before the command returns: the written file (onnxruntime / torch.jit)
 is run on the tracing example and two images of other sizes and must match the in-memory model
@@ -122,13 +126,13 @@ def export_onnx(module: ExportedModel, meta: dict, out: Path) -> float:
     return _enforce("ONNX", diff, ONNX_TOLERANCE)
 
 
-def export_file(run_dir: Path, fmt: str, out: Path) -> dict:
+def export_file(run_dir: Path, fmt: str, out: Path, tta=None) -> dict:
     """Write the run's model as an `fmt` file at `out`, checked (see the module docstring);
-    returns what was done. A failed export leaves no file behind."""
+    returns what was done. A failed export leaves no file behind. `tta`: a TTA spec (its views)."""
     if fmt not in FILE_FORMATS:
         raise ExportError(f"--format {fmt!r} is not a file format; choose one of {list(FILE_FORMATS)}")
     out = check_file(out, "--out", ExportError, example="model.onnx" if fmt == "onnx" else "model.pt")
-    module, meta = load(run_dir)   # after the --out check: a bad --out fails in a second, not at the end
+    module, meta = load(run_dir, tta)   # after the --out check: a bad --out fails in a second, not at the end
     write = export_onnx if fmt == "onnx" else export_torchscript
     with replace_with(out) as tmp:
         diff = write(module, meta, tmp)

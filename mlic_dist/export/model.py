@@ -5,13 +5,15 @@ Inside, for each member (one for a run, the ensemble's members otherwise, each a
 data.size): squash-resize to S x S (bilinear, antialiased, on uint8: the kernel of
 `data.transforms.eval_resize`, which predict and the loaders' evaluation use), normalise (the
 member's data.normalize), the network, sigmoid; then the weighted mean of the members'
-probabilities (`ensemble.members.fuse`'s weights). A class is predicted when its probability >=
+probabilities. A TTA view (a TTA directory's members, or `--tta SPEC` on any run: one member
+per view, sharing the run's network) mirrors the resized image left-right when it flips, as
+predict does; its size is the view's (`ensemble.members.fuse`'s weights). A class is predicted when its probability >=
 its threshold (tuned on validation).
 
 Metadata (`read_metadata(path)` reads both file formats): a JSON object under the key `mlic_dist`
 (ONNX `metadata_props`; TorchScript `_extra_files["mlic_dist.json"]`) with format_version, input,
 output, classes, thresholds, kind (run | ensemble), source, run_id and members [{name, backbone,
-size, normalize, weight}]; ONNX also gets `classes` and `thresholds` as their own JSON props.
+size, normalize, weight, flip}]; ONNX also gets `classes` and `thresholds` as their own JSON props.
 """
 from __future__ import annotations
 
@@ -55,8 +57,14 @@ class ExportedModel(nn.Module):
         """`members`: predict.MemberModel list (model in eval mode, size, normalizer, weight)."""
         super().__init__()
         self.resize = resize   # aten's kernel; an ONNX graph gets export.resize.graph_resize
-        self.nets = nn.ModuleList([m.model for m in members])
+        nets: list = []        # each network once: the views of one run (TTA) share it
+        for m in members:
+            if not any(m.model is n for n in nets):
+                nets.append(m.model)
+        self.nets = nn.ModuleList(nets)
+        self.net_of = [next(i for i, n in enumerate(nets) if n is m.model) for m in members]
         self.sizes = [int(m.size) for m in members]
+        self.flips = [bool(getattr(m, "flip", False)) for m in members]
         w = torch.tensor([float(m.weight) for m in members], dtype=torch.float64)
         self.register_buffer("weights", (w / w.sum()).float())                     # (M,)
         for k, m in enumerate(members):   # x * (1 / std) + (-mean / std), the Normalizer's affine map
@@ -71,28 +79,34 @@ class ExportedModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         probs = None
-        for k, net in enumerate(self.nets):
-            x = self.resize(images, self.sizes[k]).float()                             # (B, 3, S, S)
+        resized: dict = {}   # size -> (B, 3, S, S): the views of one size resize once
+        for k, size in enumerate(self.sizes):
+            if size not in resized:
+                resized[size] = self.resize(images, size).float()
+            x = resized[size].flip(3) if self.flips[k] else resized[size]             # (B, 3, S, S)
             x = x * getattr(self, f"scale{k}") + getattr(self, f"shift{k}")
+            net = self.nets[self.net_of[k]]
             p = torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)).float()) * self.weights[k]
             probs = p if probs is None else probs + p                                 # (B, C)
         return probs
 
 
-def load(run_dir: Path) -> tuple[ExportedModel, dict]:
-    """The exportable module of a run or ensemble directory, and its metadata."""
+def load(run_dir: Path, tta=None) -> tuple[ExportedModel, dict]:
+    """The exportable module of a run, ensemble or TTA directory, and its metadata; `tta` (a
+    spec: mlic_dist/ensemble/tta.py) adds views to every member, as `predict --tta` does."""
     try:
-        predictor = Predictor(Path(run_dir), "cpu")      # the members exactly as predict loads them
+        predictor = Predictor(Path(run_dir), "cpu", tta)   # the members exactly as predict loads them
         run = rundir.load_run(run_dir, splits=())
     except (PredictError, rundir.RunDirError) as e:
         raise ExportError(str(e)) from None
     member_dirs = ([Path(m["run_dir"]) for m in run.ensemble.get("members", [])] if run.is_ensemble
                    else [run.path])
+    views = len(predictor.members) // len(member_dirs)    # --tta: each member's views, in member order
     members = []
-    for d, m in zip(member_dirs, predictor.members):
-        cfg = rundir.load_run(d, splits=()).cfg()
+    for i, m in enumerate(predictor.members):
+        cfg = rundir.load_run(member_dirs[i // views], splits=()).cfg()
         members.append({"name": m.name, "backbone": cfg.model.backbone, "size": int(m.size),
-                        "normalize": cfg.data.normalize, "weight": float(m.weight)})
+                        "normalize": cfg.data.normalize, "weight": float(m.weight), "flip": bool(m.flip)})
     meta = {"format_version": FORMAT_VERSION, "input": INPUT_DOC, "output": OUTPUT_DOC,
             "classes": list(run.classes), "thresholds": [float(t) for t in predictor.thresholds],
             "kind": "ensemble" if run.is_ensemble else "run", "source": str(run.path.resolve()),
