@@ -2,7 +2,6 @@
 probabilities against predict's, the blended targets on real batches (and the soft OR under
 mixup), alpha=0 against plain training, a student pulled towards a distinctive teacher, a cache
 for other shards or classes refused in one line, the MLflow tags, and a 2-process torchrun."""
-import io
 import json
 import os
 import subprocess
@@ -241,7 +240,7 @@ def test_a_tta_teacher_is_refused_and_a_run_teacher_is_named_by_its_mlflow_run(t
     # a single run as the teacher, from the command line: its MLflow run id is the tag
     uri = isolated_store(trained, tmp_path / "store")
     args = [sys.executable, "-m", "mlic_dist.distill", "--teacher", str(trained.runs["m1-32-s0"]),
-            *student_overrides(trained, tmp_path / "one", uri)]
+            "--config", str(ROOT / "configs/recipes/wang.yaml"), *student_overrides(trained, tmp_path / "one", uri)]
     p = _cli(args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "teacher probabilities: 48 training images x 1 member(s)" in p.stdout
