@@ -48,7 +48,7 @@ NESTED_HEADS = PYTHONS | {"accelerate", "torchrun", "mlflow", "ray"}
 FLAG = re.compile(r"^(--[A-Za-z0-9][A-Za-z0-9_-]*)")
 OVERRIDE = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)=(.*)$", re.S)
 # entry points whose key=value arguments are training-config overrides, or sweep-file overrides
-CONFIG_ENTRIES = {("module", "mlic_dist.train"), ("script", "bench/sota.py")}
+CONFIG_ENTRIES = {("module", "mlic_dist.train"), ("module", "mlic_dist.distill"), ("script", "bench/sota.py")}
 SWEEP_ENTRIES = {("script", "launch/sweep.py"), ("module", "mlic_dist.demo")}   # the demo: unless --single
 
 

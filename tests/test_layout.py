@@ -18,7 +18,7 @@ LAYERS = [
     {"config", "metrics", "rundir", "models", "losses"},             # leaves
     {"shard", "data", "tracking"},
     {"train"},
-    {"evaluate", "predict", "ensemble", "report", "relog", "export"},
+    {"evaluate", "predict", "ensemble", "report", "relog", "export", "distill"},
     {"sweep", "demo"},
 ]
 FORBIDDEN = {("data", "shard")}       # same layer, but the loaders never need the writer

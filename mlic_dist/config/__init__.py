@@ -9,4 +9,4 @@ from .load import (apply_overrides, build, config_from_dict, flatten, load_confi
                    save_config, to_dict)
 from .schema import (BOOKKEEPING, BOOKKEEPING_PREFIXES, RESUME_FREE, RESUME_FREE_PREFIXES, RESUME_REPLAY,  # noqa: F401
                      Config, ConfigError, DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig,
-                     TrackingConfig, TrainConfig, is_model_key)
+                     TrackingConfig, TrainConfig, DistillConfig, is_model_key)

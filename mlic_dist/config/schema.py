@@ -319,6 +319,22 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher_scores: Optional[str] = None
+    """Distillation (python -m mlic_dist.distill writes it): PATH to a teacher's cached (N_train, C) probabilities (.npy, with its .keys.txt and .json beside it, docs/ensembles.md); null = off (train on the labels)."""
+    alpha: float = 0.5
+    """Weight of the teacher's probabilities in the training targets: (1 - alpha) x labels + alpha x teacher on the non-ignored entries; 0 = the labels alone, 1 = the teacher alone. Validation, selection and thresholds always use the labels."""
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha={self.alpha!r} must be in [0, 1] (0 = labels only, 1 = teacher only; "
+                              f"the default 0.5 weighs both alike)")
+        if self.teacher_scores is not None and not str(self.teacher_scores).endswith(".npy"):
+            raise ConfigError(f"distill.teacher_scores={self.teacher_scores!r} must name the teacher's .npy file "
+                              f"(python -m mlic_dist.distill writes OUT/teacher/train.npy), or be null")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     """Seeds Python, NumPy, torch and the data pipelines (per rank offsets are added)."""
@@ -329,6 +345,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         _check_positive("seed", self.seed, allow_zero=True)

@@ -80,6 +80,8 @@ class LoaderBase:
         targets = targets.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         ids = ids.reshape(-1).to(torch.int64).to(self.device, non_blocking=True)
+        partner = None
         if self.mixup_active and len(ids) > 1:
-            images, targets, mask = or_mixup(images, targets, mask, mixup_pairs(len(ids), mix_gen))
-        return Batch(images, targets, mask, ids)
+            partner = mixup_pairs(len(ids), mix_gen).to(self.device)
+            images, targets, mask = or_mixup(images, targets, mask, partner)
+        return Batch(images, targets, mask, ids, partner)

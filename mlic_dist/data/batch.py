@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -12,6 +13,10 @@ class Batch:
     targets: torch.Tensor  # (B, C) float32 multi-hot
     mask: torch.Tensor     # (B, C) float32, 0 = ignore (do not train)
     ids: torch.Tensor      # (B,) int64 sample ids, -1 = padding (do not score)
+    # (B,) int64 OR-mixup partner rows (mixup.mixup_pairs): row i holds images i and partner[i],
+    # `ids` stays row i's own id; None when the batch is not mixed (distillation mixes the
+    # teacher's targets with it, train/teacher.py)
+    partner: Optional[torch.Tensor] = None
 
 
 def labels_to_targets(labels: torch.Tensor, difficult: str) -> tuple[torch.Tensor, torch.Tensor]:

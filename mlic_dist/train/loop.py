@@ -49,7 +49,7 @@ from ..models import check_pretrained, convert_sync_batchnorm, create_model
 from ..tracking import tracker as tracking
 from ..tracking.system import SystemMetrics, run_id_from_record
 from ..tracking.tracker import Tracker
-from . import checkpoint, optim
+from . import checkpoint, optim, teacher
 from .distributed import (build_accelerator, check_ranks_in_sync, check_shared_dir, gather, node_rank, num_nodes,
                           unwrap)
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
@@ -106,6 +106,8 @@ class Run:
     ema: Optional[torch.nn.Module] = None   # AveragedModel (mlic_dist/train/ema.py) when train.ema_decay > 0
     loss_fn: Optional[Callable] = None      # losses.MultiLabelLoss; None = built from cfg.loss
     lock: Optional[rundir.RunLock] = None   # rank 0's ownership of `out` for the run's life
+    teacher: Optional[torch.Tensor] = None  # (N_train, C) float32 on the device: distill.teacher_scores
+    teacher_meta: Optional[dict] = None     # its .json (train/teacher.py)
 
     def __post_init__(self):
         if self.loss_fn is None:
@@ -172,10 +174,17 @@ def seed_rank(seed: int, rank: int) -> None:
 
 def check_inputs(cfg: Config):
     """What can be checked before any process group exists, in every rank's process alike: the
-    shards (manifest, splits) and the model (backbone, weight files). Returns the manifest;
+    shards (manifest, splits), the model (backbone, weight files) and a distillation teacher's
+    cache (distill.teacher_scores against the training split). Returns the manifest;
     raises UserError. `build_run` calls it before the Accelerator, so under torchrun /
     accelerate launch each rank prints its one line and exits 2 without reaching the
     rendezvous (docs/training.md, "Errors")."""
+    return _check_inputs(cfg)[0]
+
+
+def _check_inputs(cfg: Config):
+    """(manifest, the teacher's cache or None): `check_inputs`."""
+    cache = None
     try:
         if not cfg.data.shards:
             raise UserError("data.shards is not set: pass data.shards=DIR (a directory written by "
@@ -191,17 +200,19 @@ def check_inputs(cfg: Config):
             raise UserError(f"data.test_split={test!r} is not a split of data.shards={cfg.data.shards!r} (it has "
                             f"{sorted(manifest.splits)}); name one of them, or data.test_split='' for none")
         check_pretrained(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights)
+        if cfg.distill.teacher_scores:
+            cache = teacher.check_cache(cfg.distill.teacher_scores, manifest, cfg.data.train_split)
     except UserError:
         raise
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         raise UserError(str(e)) from None
-    return manifest
+    return manifest, cache
 
 
 def build_run(cfg: Config) -> Run:
     """Everything a run needs. Bad input raises UserError (before any collective operation;
     what needs no process group, `check_inputs`, before the Accelerator exists)."""
-    manifest = check_inputs(cfg)
+    manifest, cache = _check_inputs(cfg)
     acc = build_accelerator(cfg)
     from accelerate.utils import set_seed
 
@@ -249,10 +260,20 @@ def build_run(cfg: Config) -> Run:
     tracker = Tracker(cfg.tracking, out, active=acc.is_main_process)
     return Run(cfg, acc, model, optimizer, scheduler, train_loader, val_loader, test_loader, classes, out,
                tracker, TrainState(), manifest_sha256=content_digest(cfg.data.shards),
-               ema=ema, lock=lock)
+               ema=ema, lock=lock, teacher=None if cache is None else torch.from_numpy(cache.probs).to(acc.device),
+               teacher_meta=None if cache is None else cache.meta)
 
 
 # --------------------------------------------------------------------------- epoch loop
+
+
+def _targets(run: Run, batch) -> torch.Tensor:
+    """(B, C) what the loss trains towards: the labels, blended with the teacher's probabilities
+    when distilling (train/teacher.py; validation and selection use the labels alone)."""
+    if run.teacher is None:
+        return batch.targets
+    return teacher.blend_targets(batch.targets, batch.mask, batch.ids, batch.partner, run.teacher,
+                                 run.cfg.distill.alpha)
 
 
 def _optimizer_step(run: Run, warmup: optim.Warmup, nonfinite: optim.NonfiniteSteps) -> Optional[bool]:
@@ -351,7 +372,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             ctx = acc.no_sync(model) if not last_micro else contextlib.nullcontext()
             with ctx:
                 logits = model(batch.images)  # (B, C); autocast comes from accelerator.prepare
-                entries = run.loss_fn.entries(logits, batch.targets, batch.mask)  # (B, C) float32
+                entries = run.loss_fn.entries(logits, _targets(run, batch), batch.mask)  # (B, C) float32
                 count = batch.mask.sum()
                 loss = entries.sum() / count.clamp_min(1.0)   # mean over the non-ignored entries
                 acc.backward(loss / window)
@@ -416,6 +437,8 @@ def _start_tracking(run: Run, resumed) -> None:
     rule = optim.lr_rule(cfg, run.accelerator.num_processes)
     tags.update({"mlic.lr_scaling": rule["lr_scaling"], "mlic.lr_factor": f"{rule['factor']:g}",
                  "mlic.effective_lr": f"{rule['lr']:g}", "mlic.effective_head_lr": f"{rule['head_lr']:g}"})
+    if run.teacher_meta is not None:
+        tags.update(teacher.tracking_tags(run.teacher_meta))
     inputs = []
     if run.manifest_sha256:
         tags["mlic.data.manifest_sha256"] = run.manifest_sha256
@@ -565,6 +588,12 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
                     "best_source": run.state.best_source}
     if ema_digest is not None:
         result["ema_digest"] = ema_digest
+    if run.teacher_meta is not None:   # a distilled student: one network per image, and its teacher
+        result["forward_passes"] = 1
+        result["distill"] = {"teacher": run.teacher_meta.get("teacher"),
+                             "teacher_run_id": run.teacher_meta.get("teacher_run_id"),
+                             "teacher_members": len(run.teacher_meta.get("members") or []),
+                             "alpha": cfg.distill.alpha, "cache": str(cfg.distill.teacher_scores)}
     thresholds = None
     for name, (loader, split) in splits.items():
         keys, labels = (val_keys, val_labels) if name == "val" else read_split_labels(cfg.data.shards, split)
