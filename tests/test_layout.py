@@ -33,7 +33,8 @@ HEAVY = {"mlflow", "ray", "nvidia", "onnx", "onnxruntime", "torch", "torchvision
 # their top: the loader a config picks (DALI / webdataset), the MLflow model flavour, Ray Tune.
 LAZY_OWN = {"mlic_dist.data.dali", "mlic_dist.data.torch_loader", "mlic_dist.export.pyfunc",
             "mlic_dist.sweep.progress",
-            "mlic_dist.models"}    # torch and timm, which config (read by torch-free shard workers) must not import
+            "mlic_dist.models",    # torch and timm, which config (read by torch-free shard workers) must not import
+            "mlic_dist.report.speed"}   # torch and the models: a report reads score files unless it times predict
 
 
 def _modules() -> dict[str, Path]:

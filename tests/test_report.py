@@ -130,8 +130,10 @@ def test_calibration_tables_and_plots(trained, built):
 def test_cli_from_run_dirs_without_mlflow(trained, built, tmp_path, capsys):
     _, ensembles, _, _ = built
     dirs = [str(trained.runs["m1-32-s0"]), str(trained.runs["m1-40-s0"]), str(ensembles[0].path)]
-    assert report_cli.main(["--run-dirs", *dirs, "--out", str(tmp_path / "r")]) == 0
+    assert report_cli.main(["--run-dirs", *dirs, "--out", str(tmp_path / "r"), "--speed-images", "4"]) == 0
     out = capsys.readouterr().out
+    one_model = read_csv(tmp_path / "r" / "one_model.csv")   # predict timed on 4 validation images per row
+    assert len(one_model) == 2 and all(float(r["images/s"]) > 0 for r in one_model)
     assert "Single best (val)" in out and ensembles[0].name in out
     assert (tmp_path / "r" / "report.md").is_file() and not (tmp_path / "r" / "tracking.json").exists()
     assert report_cli.main(["--run-dirs", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
@@ -169,3 +171,41 @@ def test_train_ensemble_report_against_a_real_mlflow_server(trained, tmp_path):
         assert ens.info.run_id == built.tracking["run_id"]
         assert sorted(m["name"] for m in built.ensemble["members"]) == ["run32", "run40"]
     assert server.proc is None
+
+
+def test_one_model_table_compares_soup_tta_and_ensembles_with_the_best_single(trained, built, tmp_path):
+    """Issue 23's table: the best single (val), every ensemble, the soup and a TTA of the best
+    single, with forward passes, predict's measured images/s and the share of the reference
+    ensemble's test gain each keeps, all recomputed here from the directories' own metrics."""
+    from mlic_dist.ensemble.tta import build_tta, parse_spec
+    from mlic_dist.tracking.query import finished_run
+
+    _, ensembles, _, _ = built
+    singles = [finished_run(d) for d in trained.runs.values()]
+    groups = report.single_groups(singles)
+    best = report._best(groups[report.best_single_key(groups)])
+    tta = build_tta(ensemble.member_from_dir(best.run.path), parse_spec("flip"), out=tmp_path / "tta")
+    entries = singles + [finished_run(e.path) for e in ensembles] + [finished_run(tta.path)]
+    rep = report.write_report(entries, tmp_path / "rep", "one model", speed_images=6)
+    rows = rep.tables["one_model"]
+    assert rows[0]["model"] == f"Single best (val): {best.name}" and rows[0]["forward passes"] == 1
+    by_name = {e.name: e for e in entries}
+    kinds = [r["kind"] for r in rows]
+    assert {"ScaleEn", "Greedy selection", "TTA", "Weight soup"} <= set(kinds), kinds
+    assert len(rows) == 1 + len(ensembles) + 1          # every ensemble and soup, the TTA, once each
+    fused = [e for e in entries if e.is_ensemble and e.run.ensemble["kind"] in report.FUSED]
+    ref = max(fused, key=lambda e: e.run.metrics["val"]["mAP"])
+    base = best.run.metrics["test"]["mAP"]
+    gain = ref.run.metrics["test"]["mAP"] - base
+    for r in rows[1:]:
+        e = by_name[r["model"]]
+        assert r["test mAP"] == pytest.approx(e.run.metrics["test"]["mAP"])
+        assert r["forward passes"] == (2 if r["kind"] == "TTA" else 1 if r["kind"] == "Weight soup"
+                                       else len(e.run.ensemble["members"]))
+        if e is ref:
+            assert r["gain kept"] == "100% (reference)"
+        elif gain > 0:
+            assert r["gain kept"] == f"{(e.run.metrics['test']['mAP'] - base) / gain:.0%}"
+        assert float(r["images/s"]) > 0
+    assert "## The ensemble at one model's cost" in rep.markdown
+    assert (tmp_path / "rep" / "one_model.csv").is_file()

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--parent-run-id", help="only the runs nested under this MLflow run (a sweep); the report "
                                            "run is nested under it too")
+    p.add_argument("--speed-images", type=int, default=64, metavar="N",
+                   help="time predict on N validation images per model of the one-model table (0: skip)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --speed-images times predict")
     return p
 
 
@@ -31,13 +34,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.run_dirs and (args.tracking_uri or args.parent_run_id):
         p.error("--tracking-uri / --parent-run-id go with --experiment, not --run-dirs")
+    if args.speed_images < 0:
+        p.error(f"--speed-images {args.speed_images} must be >= 0")
     mq.fail_fast_http()
     if args.experiment:
         report = build_report(args.experiment, args.tracking_uri, args.out or Path("reports") / args.experiment,
-                              args.parent_run_id)
+                              args.parent_run_id, args.speed_images, args.device)
     else:
         out = check_dir(args.out or Path("reports") / "runs", "--out", ReportError)
-        report = write_report(collect_from_dirs(args.run_dirs), out, f"Runs in {out}")
+        report = write_report(collect_from_dirs(args.run_dirs), out, f"Runs in {out}", args.speed_images, args.device)
     has_ensembles = any(not r["method"].startswith("Single best") for r in report.tables["ensembles"])
     main_table = report.tables["ensembles"] if has_ensembles else report.tables["single_models"]
     print(markdown_table(main_table))

@@ -44,7 +44,8 @@ from ..tracking.store import resolve_uri
 from . import plots
 
 RULE_COLUMNS = (("L-P", "CP"), ("L-R", "CR"), ("L-F1", "CF1_mean"), ("O-P", "OP"), ("O-R", "OR"), ("O-F1", "OF1"))
-ENSEMBLE_TITLES = {"scale": "ScaleEn", "distr": "DistrEn", "greedy": "Greedy selection", "manual": "Manual"}
+ENSEMBLE_TITLES = {"scale": "ScaleEn", "distr": "DistrEn", "greedy": "Greedy selection", "manual": "Manual",
+                   "tta": "TTA", "soup": "Weight soup", "distill": "Distilled student"}
 LEGEND = ("chance mAP: the expected mAP of random scores on the same labels (exact, per class "
           "over the non-ignored rows, averaged as mAP is), the floor to read mAP against. Top-3 columns (the paper's tables): each image predicts its 3 highest-scoring classes, no "
           "threshold. L-P / L-R: mean over classes of per-class (label-centric) precision / recall. "
@@ -236,6 +237,69 @@ def ensemble_table(entries: Sequence[Entry], split: str) -> list[dict]:
     return table
 
 
+FUSED = ("scale", "distr", "greedy", "manual")   # ensembles that fuse several trained runs
+
+
+def _model_kind(e: Entry) -> str:
+    if e.is_ensemble:
+        return e.run.ensemble.get("kind", "manual")
+    return e.run.metrics.get("kind") or "single"
+
+
+def forward_passes(e: Entry) -> int:
+    """Network forward passes per image at inference (metrics.json; older directories: a run 1,
+    an ensemble one per member)."""
+    recorded = e.run.metrics.get("forward_passes")
+    if recorded is not None:
+        return int(recorded)
+    return len(e.run.ensemble.get("members", [])) if e.is_ensemble else 1
+
+
+def one_model_entries(entries: Sequence[Entry]) -> list[Entry]:
+    """The one-model table's rows: the best single training run (configuration, then seed, on
+    validation), then every ensemble, TTA, soup and student; [] without a single run or another."""
+    groups = single_groups(entries)
+    best_single = _best(groups[best_single_key(groups)]) if groups else None
+    others = [e for e in entries if e.is_ensemble or _model_kind(e) in DERIVED_KINDS]
+    if best_single is None or not others:
+        return []
+    order = {k: i for i, k in enumerate(("single", *FUSED, "tta", "soup", "distill"))}
+    return [best_single] + sorted(others, key=lambda e: (order.get(_model_kind(e), 99), e.name))
+
+
+def one_model_table(entries: Sequence[Entry], split: str, speeds: Optional[dict] = None) -> list[dict]:
+    """The ensemble's accuracy at one model's cost: the best single training run (its
+    configuration chosen on validation, then its best seed on validation), every ensemble
+    (ScaleEn, DistrEn, greedy, manual, TTA), weight soup and distilled student, one row each, with
+    val and test mAP, forward passes per image, `speeds` {run dir: predict images/s} where
+    measured, and the share of the gain kept: (mAP - best single's) / (the reference ensemble's -
+    best single's) on `split`, the reference being the fused ensemble with the best validation
+    mAP. Every choice is on validation; `split` is only read."""
+    rows = one_model_entries(entries)
+    if not rows:
+        return []
+    best_single, others = rows[0], rows[1:]
+    fused = [e for e in others if _model_kind(e) in FUSED]
+    reference = _best(fused)
+    base = value(best_single, split)
+    gain = value(reference, split) - base if reference is not None else float("nan")
+    table = []
+    for e in rows:
+        kind = _model_kind(e)
+        test = value(e, split)
+        row = {"model": ("Single best (val): " if e is best_single else "") + e.name,
+               "kind": ENSEMBLE_TITLES.get(kind, kind) if kind != "single" else "single",
+               "forward passes": forward_passes(e), "val mAP": value(e, "val"), f"{split} mAP": test,
+               f"Δ {split} mAP": test - base,
+               "gain kept": "" if e is best_single or not gain > 0 else f"{(test - base) / gain:.0%}",
+               "images/s": "" if not speeds or e.run.path.resolve() not in speeds
+               else f"{speeds[e.run.path.resolve()]:.1f}"}
+        if e is reference:
+            row["gain kept"] = "100% (reference)"
+        table.append(row)
+    return table
+
+
 def calibration_table(e: Entry) -> tuple[list[dict], dict]:
     """Per class: tuned threshold, its validation F1, test F1 with it and at a global 0.5 (the
     AdvancedCNN paper's Tables 1-2), and a summary row (macro F1 and O-F1, both rules)."""
@@ -326,8 +390,11 @@ def _member_values(e: Entry, split: str, by_dir: dict) -> list[tuple[str, float]
     return out
 
 
-def write_report(entries: Sequence[Entry], out: Path, title: str) -> Report:
-    """Tables, calibration and plots of `entries` into `out`; returns the Report."""
+def write_report(entries: Sequence[Entry], out: Path, title: str, speed_images: int = 0,
+                 device: str = "cpu") -> Report:
+    """Tables, calibration and plots of `entries` into `out`; returns the Report. With
+    `speed_images` > 0, the one-model table's rows get predict's images/s on this machine
+    (report/speed.py: that many validation images each)."""
 
     if not entries:
         raise ReportError(f"nothing to report for {title}: no finished run or ensemble with its "
@@ -338,11 +405,20 @@ def write_report(entries: Sequence[Entry], out: Path, title: str) -> Report:
     ensembles = [e for e in entries if e.is_ensemble]
     single_rows = single_model_table(entries, split)
     ens_rows = ensemble_table(entries, split)
+    one_rows = one_model_table(entries, split)
+    if one_rows and speed_images > 0:
+        from .speed import predict_images_per_s   # runs the models: torch
+
+        speeds = {e.run.path.resolve(): predict_images_per_s(e.run.path, speed_images, device=device)
+                  for e in one_model_entries(entries)}
+        one_rows = one_model_table(entries, split, speeds)
     names = {label: name for label, name, _, _ in _metric_columns(split)}
     names.update({"val mAP": "final_val_mAP", f"{split} mAP": names["mAP"], f"Δ {split} mAP": f"delta_{names['mAP']}",
                   "beats single best": "beats_single_best"})
     paths = [write_csv(out / "single_models.csv", single_rows, names),
              write_csv(out / "ensembles.csv", ens_rows, names)]
+    if one_rows:
+        paths.append(write_csv(out / "one_model.csv", one_rows, names))
     cal_summary, cal_md = [], []
     groups = single_groups(entries)
     best_single = _best(groups[best_single_key(groups)]) if groups else None   # the table's choice
@@ -370,6 +446,12 @@ def write_report(entries: Sequence[Entry], out: Path, title: str) -> Report:
           f"(selection and thresholds on validation only).", "",
           "## Ensembles vs the best single model (chosen on validation)", "",
           markdown_table(ens_rows), "",
+          *(["## The ensemble at one model's cost", "",
+             f"Forward passes per image at inference, and `predict`'s images/s on this machine"
+             f"{f' ({speed_images} validation images, {device})' if speed_images > 0 else ' (not measured: --speed-images N)'}. "
+             f"Gain kept: the share of the reference ensemble's {split} gain over the best single model "
+             f"(the reference: the fused ensemble with the best validation mAP).", "",
+             markdown_table(one_rows), ""] if one_rows else []),
           "## Single models (the paper's Table 2 layout)", "", markdown_table(single_rows), "", LEGEND, "",
           "## Per-class threshold calibration (the AdvancedCNN paper's tables)", "",
           f"F1 on {split} with the per-class thresholds tuned on validation vs a global 0.5 "
@@ -378,7 +460,8 @@ def write_report(entries: Sequence[Entry], out: Path, title: str) -> Report:
           "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths if p.suffix == ".png"]
     text = "\n".join(md) + "\n"
     paths.insert(0, rundir.write_text(out, "report.md", text))
-    tables = {"single_models": single_rows, "ensembles": ens_rows, "calibration_summary": cal_summary}
+    tables = {"single_models": single_rows, "ensembles": ens_rows, "one_model": one_rows,
+              "calibration_summary": cal_summary}
     return Report(text, paths, tables)
 
 
@@ -394,12 +477,13 @@ def _log(report: Report, out: Path, experiment: str, tracking_uri: Optional[str]
 
 
 def build_report(experiment: str, tracking_uri: Optional[str], out_dir: Path,
-                 parent_run_id: Optional[str] = None) -> Report:
+                 parent_run_id: Optional[str] = None, speed_images: int = 0, device: str = "cpu") -> Report:
     """The report of an MLflow experiment (or of the runs nested under `parent_run_id`), written
     to `out_dir` and logged as a report run; returns its Markdown and the paths written."""
     out = check_dir(out_dir, "--out", ReportError)   # before reading MLflow and every run
     entries = collect_from_mlflow(experiment, tracking_uri, parent_run_id)
     report = write_report(entries, out, f"Experiment {experiment}" + (f" (parent run {parent_run_id})"
-                                                                        if parent_run_id else ""))
+                                                                        if parent_run_id else ""),
+                          speed_images, device)
     report.run_id = _log(report, out, experiment, tracking_uri, parent_run_id, len(entries))
     return report

@@ -65,12 +65,6 @@ class SystemMetrics:
         self._thread.start()
 
     def _run(self) -> None:
-        try:     # imported while the run is being created (seconds, on a node's first MLflow use)
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        except ImportError as e:
-            warnings.warn(f"MLflow system metrics are off for this run ({e}); set tracking.system_metrics=false "
-                          f"to silence this")
-            return
         while not self._stop.is_set():
             run_id = self.run_id_of()
             if run_id:
@@ -79,6 +73,10 @@ class SystemMetrics:
         else:
             return
         try:
+            # imported only now: on rank 0 the Tracker's thread imports MLflow while it creates
+            # the run, and two threads importing MLflow at once deadlock in its protobuf modules
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
             monitor = SystemMetricsMonitor(run_id, sampling_interval=self.cfg.system_metrics_interval_s,
                                            samples_before_logging=1, resume_logging=self.resume,
                                            node_id=self.node_id, tracking_uri=resolve_uri(self.cfg.uri))

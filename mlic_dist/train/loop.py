@@ -588,8 +588,9 @@ def finalize(run: Run, val_keys: list[str], val_labels: np.ndarray) -> dict:
                     "best_source": run.state.best_source}
     if ema_digest is not None:
         result["ema_digest"] = ema_digest
-    if run.teacher_meta is not None:   # a distilled student: one network per image, and its teacher
-        result["forward_passes"] = 1
+    result["forward_passes"] = 1       # one network per image at inference
+    if run.teacher_meta is not None:   # a distilled student, and its teacher
+        result["kind"] = "distill"
         result["distill"] = {"teacher": run.teacher_meta.get("teacher"),
                              "teacher_run_id": run.teacher_meta.get("teacher_run_id"),
                              "teacher_members": len(run.teacher_meta.get("members") or []),
