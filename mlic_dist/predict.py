@@ -49,7 +49,7 @@ from .cli import entry_point
 from .data.normalize import Normalizer
 from .data.transforms import eval_resize, load_rgb
 from .ensemble.members import EnsembleError, fuse
-from .ensemble.tta import TTASpec, ViewSpecError, parse_spec, view_from_dict
+from .ensemble.tta import TTASpec, ViewSpecError, check_sizes, parse_spec, view_from_dict
 from .errors import UserError
 from .models import create_model
 from .tracking import query as mq
@@ -145,6 +145,9 @@ class Predictor:
             for v in views:
                 self.members.append(replace(member, weight=weight) if v is None else
                                     replace(member, size=v.size, flip=v.flip, weight=weight))
+        for key, (member, _) in loaded.items():   # a fixed-size model (timm ViT) asked for other sizes
+            check_sizes(member.model, member.name, member.size,
+                        [m.size for m in self.members if m.model is member.model], PredictError)
 
     @torch.no_grad()
     def __call__(self, images: Sequence[torch.Tensor]) -> np.ndarray:

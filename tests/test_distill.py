@@ -254,6 +254,13 @@ def test_a_tta_teacher_is_refused_and_a_run_teacher_is_named_by_its_mlflow_run(t
     p = _cli(args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "teacher probabilities: reusing" in p.stdout
+    # a matrix the .json does not name (an overwrite cut before its .json) is never reused; and a
+    # student whose checkpoints trained on another matrix is not resumed on a new one
+    cache = tmp_path / "one" / "teacher" / "train.npy"
+    np.save(cache, np.ascontiguousarray(np.load(cache)[::-1]))
+    p = _cli(args, tmp_path)
+    line = _one_error_line(p)
+    assert "checkpoints trained on another teacher's" in line and "new train.output_dir" in line
 
 
 @pytest.mark.dist

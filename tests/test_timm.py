@@ -223,3 +223,16 @@ def test_input_size_and_normalisation_come_from_timms_pretrained_cfg_unless_set(
         "sweep": {"root": str(tmp_path / "runs")}}))
     sizes = {t.cfg.model.backbone: (t.cfg.data.size, t.cfg.data.normalize) for t in load_sweep(sweep).trials()}
     assert sizes == {"tiny_cnn": (448, "imagenet"), "timm/vit_tiny_patch16_224": (224, "half")}
+
+
+def test_tta_sizes_a_fixed_size_model_cannot_take_are_one_error_line():
+    """A ViT built for data.size refuses other --tta sizes before scoring (not a traceback midway);
+    a CNN takes them."""
+    from mlic_dist.ensemble.tta import check_sizes
+    from mlic_dist.predict import PredictError
+
+    vit = create_model("timm/test_vit3", 3, image_size=32).eval()
+    check_sizes(vit, "timm/test_vit3", 32, [32])
+    with pytest.raises(PredictError, match=r"--tta size 48: timm/test_vit3 takes only its data.size=32 px"):
+        check_sizes(vit, "timm/test_vit3", 32, [32, 48], PredictError)
+    check_sizes(create_model("timm/test_resnet", 3).eval(), "timm/test_resnet", 32, [32, 48, 64], PredictError)

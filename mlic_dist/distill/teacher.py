@@ -166,7 +166,8 @@ def _cached(scores: Path, manifest, cfg: Config, digest: str) -> bool:
     except UserError:
         return False
     return (cache.meta.get("teacher_digest") == digest
-            and cache.meta.get("manifest_sha256") == content_digest(cfg.data.shards))
+            and cache.meta.get("manifest_sha256") == content_digest(cfg.data.shards)
+            and cache.meta.get("npy_sha256") == cache_format.npy_sha256(scores))   # not cut mid-overwrite
 
 
 def distill(teacher_dir: str | Path, cfg: Config) -> dict:
@@ -182,6 +183,12 @@ def distill(teacher_dir: str | Path, cfg: Config) -> dict:
     scores = (Path(cfg.train.output_dir) / CACHE).resolve()
     digest = teacher.digest(cfg.data.loader)
     reuse = _cached(scores, manifest, cfg, digest)    # every rank decides alike, before anyone writes
+    if not reuse and scores.is_file() and any((Path(cfg.train.output_dir) / "checkpoints").glob("e*")):
+        # the checkpoints trained on the cache there: resuming them on another teacher's targets
+        # would mix two teachers under one name
+        raise DistillError(f"{cfg.train.output_dir} holds a student's checkpoints trained on another teacher's "
+                           f"(or other shards') probabilities ({scores}); distill into a new train.output_dir, "
+                           f"or delete that directory to start this student afresh")
     acc = build_accelerator(cfg)
     if reuse:
         if acc.is_main_process:

@@ -117,6 +117,9 @@ def find_soup_groups(members: Sequence[Member]) -> list[SoupGroup]:
         if not (m.run.path / rundir.BEST_MODEL).is_file() or m.run.config is None:
             warnings.warn(f"soup: {m.label} has no {rundir.BEST_MODEL} or {rundir.CONFIG}; not an ingredient")
             continue
+        if m.run.metrics.get("kind") in ("soup", "distill"):   # made from other runs, not a fine-tuning
+            warnings.warn(f"soup: {m.label} is a {m.run.metrics['kind']} (made from other runs); not an ingredient")
+            continue
         by_key.setdefault(soup_key(m), []).append(m)
     groups = [SoupGroup(k, sorted(v, key=lambda m: (-np.nan_to_num(recorded_val_map(m), nan=-1.0), m.name)))
               for k, v in by_key.items()]

@@ -166,6 +166,19 @@ def load_model(run: rundir.RunDir, device: torch.device) -> torch.nn.Module:
     return model.eval().to(device, memory_format=torch.channels_last)
 
 
+def check_sizes(model: torch.nn.Module, backbone: str, native: int, sizes, error=EnsembleError) -> None:
+    """A model built for one input size (a timm ViT, LeViT, ...) refuses others: find out with one
+    blank image per other size before any scoring, and say so in one line."""
+    device = next(model.parameters()).device
+    for size in sorted(set(sizes) - {native}):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last))
+        except (AssertionError, RuntimeError, ValueError) as e:
+            raise error(f"--tta size {size}: {backbone} takes only its data.size={native} px input "
+                        f"({str(e).splitlines()[0][:150]}); give only that size (with flip)") from None
+
+
 def score_views(member: Member, views: Sequence[View], device: str = "cpu") -> dict[str, AlignedSplit]:
     """{split: AlignedSplit(keys, targets, [scores of each view])} for the splits the run scored
     (val, and test when it has one), each view scored on the run's shards with its own loader."""
@@ -174,7 +187,9 @@ def score_views(member: Member, views: Sequence[View], device: str = "cpu") -> d
         raise EnsembleError(f"{run.path} is an ensemble: TTA takes one training run (its views are the members)")
     cfg = run.cfg()
     dev = torch.device(device)
-    scorer = _Scorer(load_model(run, dev), _Local(dev), build_loss(cfg.loss))
+    model = load_model(run, dev)
+    check_sizes(model, cfg.model.backbone, cfg.data.size, [v.size for v in views])
+    scorer = _Scorer(model, _Local(dev), build_loss(cfg.loss))
     names = {"val": cfg.data.val_split, "test": cfg.data.test_split}
     out = {}
     for split in (s for s in rundir.SPLITS if s in run.splits):
@@ -185,9 +200,12 @@ def score_views(member: Member, views: Sequence[View], device: str = "cpu") -> d
                                 f"{names[split]} split; the shards changed since the run was scored")
         scores = []
         for v in views:
-            loader = build_loader(dataclasses.replace(cfg.data, size=v.size), names[split], train=False, device=dev)
-            loader = _Flipped(loader) if v.flip else loader
-            probs, _ = predict_split(scorer, loader, len(labels), desc=f"{split} {v.label}", fp32=True)
+            built = build_loader(dataclasses.replace(cfg.data, size=v.size), names[split], train=False, device=dev)
+            try:
+                loader = _Flipped(built) if v.flip else built
+                probs, _ = predict_split(scorer, loader, len(labels), desc=f"{split} {v.label}", fp32=True)
+            finally:
+                built.close()             # DALI's pipelines and threads: one view's at a time
             scores.append(probs)                                                     # (N, C) float32
         out[split] = AlignedSplit(list(keys), saved.targets, scores)
     return out

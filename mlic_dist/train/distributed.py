@@ -99,11 +99,12 @@ def node_rank() -> str | None:
     return os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("MACHINE_RANK")
 
 
-def num_nodes(accelerator) -> int:
-    """Nodes of the run: all processes over those on this node (LOCAL_WORLD_SIZE, set by
-    torchrun and Ray Train; a launcher that does not set it runs one node)."""
+def several_nodes(accelerator) -> bool:
+    """Does the run span more than this node: fewer processes here (LOCAL_WORLD_SIZE, set by
+    torchrun and Ray Train) than in the run? The same answer on every rank, also where nodes hold
+    different numbers of processes (Ray placing 3 workers as 2 + 1)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    return max(1, accelerator.num_processes // max(1, local))
+    return accelerator.num_processes > local
 
 
 def check_ranks_in_sync(accelerator, model) -> str:

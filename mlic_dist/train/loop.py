@@ -50,8 +50,8 @@ from ..tracking import tracker as tracking
 from ..tracking.system import SystemMetrics, run_id_from_record
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim, teacher
-from .distributed import (build_accelerator, check_ranks_in_sync, check_shared_dir, gather, node_rank, num_nodes,
-                          unwrap)
+from .distributed import (build_accelerator, check_ranks_in_sync, check_shared_dir, gather, node_rank,
+                          several_nodes, unwrap)
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
@@ -458,13 +458,13 @@ def _system_metrics(run: Run, resumed) -> SystemMetrics:
     """MLflow's system metrics, sampled by each node's local rank 0 into the run (rank 0's
     Tracker creates it; the other nodes read its id from tracking.json in the shared run dir)."""
     acc, cfg = run.accelerator, run.cfg.tracking
-    nodes = num_nodes(acc)
-    if nodes > 1:   # tracking.json names this run, not a previous one, before another node reads it
+    nodes = several_nodes(acc)
+    if acc.num_processes > 1:   # every rank: tracking.json names this run before another node reads it
         acc.wait_for_everyone()
     leader = acc.local_process_index == 0
     source = (lambda: run.tracker.run_id) if acc.is_main_process else run_id_from_record(run.out)
     system = SystemMetrics(cfg if leader else dataclasses.replace(cfg, system_metrics=False), source,
-                           node_id=f"node{node_rank() or acc.process_index}" if nodes > 1 else None,
+                           node_id=f"node{node_rank() or acc.process_index}" if nodes else None,
                            resume=resumed is not None)
     system.start()
     return system

@@ -18,6 +18,7 @@ rows are OR-ed the same way (the soft OR: max(t_i, t_partner)) before the blend.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +50,21 @@ class TeacherCache:
     meta: dict
 
 
+def npy_sha256(scores: str | Path) -> str:
+    return hashlib.sha256(Path(scores).read_bytes()).hexdigest()
+
+
 def write_cache(scores: str | Path, probs: np.ndarray, keys: list[str], meta: dict) -> Path:
-    """The three files, each replaced atomically; the .npy last, so a cache whose matrix exists
-    has its keys and facts too."""
+    """The three files, each replaced atomically: the keys and the .npy first, the .json last as
+    the commit record, holding the .npy's sha256 (`npy_sha256`); an overwrite cut between two
+    files leaves a .json that does not name the .npy beside it, which a reader refuses."""
     scores = Path(scores)
     scores.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(keys_path(scores), "".join(k + "\n" for k in keys))
-    atomic.write_text(meta_path(scores), json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
     with atomic.replace_with(scores) as tmp:   # the temporary keeps .npy: np.save adds none
         np.save(tmp, np.ascontiguousarray(probs, np.float32))
+    atomic.write_text(meta_path(scores), json.dumps({"format_version": FORMAT_VERSION, **meta,
+                                                     "npy_sha256": npy_sha256(scores)}, indent=1))
     return scores
 
 
