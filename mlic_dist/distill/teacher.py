@@ -181,7 +181,9 @@ def distill(teacher_dir: str | Path, cfg: Config) -> dict:
     manifest = check_inputs(cfg)        # the shards and the student's model, before any process group
     _check(teacher, cfg)
     scores = (Path(cfg.train.output_dir) / CACHE).resolve()
-    digest = teacher.digest(cfg.data.loader)
+    # the decode changes the pixels: the loader, DALI's upsampling, and GPU (mixed) vs CPU decoding
+    digest = teacher.digest(f"{cfg.data.loader}:fancy_upsampling={cfg.data.dali_fancy_upsampling}:"
+                            f"cuda={torch.cuda.is_available()}")
     reuse = _cached(scores, manifest, cfg, digest)    # every rank decides alike, before anyone writes
     if not reuse and scores.is_file() and any((Path(cfg.train.output_dir) / "checkpoints").glob("e*")):
         # the checkpoints trained on the cache there: resuming them on another teacher's targets
