@@ -22,7 +22,6 @@ non-finite stops with status 1, naming the epoch, the step and the last good che
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
@@ -38,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .. import metrics, rundir
-from ..config import Config, flatten, to_dict
+from ..config import Config, to_dict
 from ..data import build_loader, read_manifest
 from ..data.labels import read_split_labels
 from ..data.manifest import content_digest
@@ -47,12 +46,11 @@ from ..errors import DivergenceError, UserError
 from ..losses import build_loss
 from ..models import check_pretrained, convert_sync_batchnorm, create_model
 from ..tracking import tracker as tracking
-from ..tracking.system import SystemMetrics, run_id_from_record
 from ..tracking.tracker import Tracker
 from . import checkpoint, optim, teacher
-from .distributed import (build_accelerator, check_ranks_in_sync, check_shared_dir, gather, node_rank,
-                          several_nodes, unwrap)
+from .distributed import build_accelerator, check_ranks_in_sync, check_shared_dir, gather, unwrap
 from .ema import build_ema, check_in_sync as check_ema_in_sync, sync_buffers
+from .run_tracking import start_system_metrics, start_tracking
 from .resume import best_file, maybe_resume, publish_best, save_checkpoint
 from .scoring import evaluate, predict_split
 
@@ -429,47 +427,6 @@ def _improved(cfg: Config, value: float, best: float) -> bool:
     return value > best if cfg.train.select_metric == "val_mAP" else value < best
 
 
-def _start_tracking(run: Run, resumed) -> None:
-    cfg = run.cfg
-    tags = {"backbone": cfg.model.backbone, "augment": cfg.data.augment, "size": cfg.data.size,
-            "mlic.kind": "single", "mlic.world_size": run.accelerator.num_processes,
-            "mlic.global_batch_size": optim.global_batch_size(cfg, run.accelerator.num_processes)}
-    rule = optim.lr_rule(cfg, run.accelerator.num_processes)
-    tags.update({"mlic.lr_scaling": rule["lr_scaling"], "mlic.lr_factor": f"{rule['factor']:g}",
-                 "mlic.effective_lr": f"{rule['lr']:g}", "mlic.effective_head_lr": f"{rule['head_lr']:g}"})
-    if run.teacher_meta is not None:
-        tags.update(teacher.tracking_tags(run.teacher_meta))
-    inputs = []
-    if run.manifest_sha256:
-        tags["mlic.data.manifest_sha256"] = run.manifest_sha256
-        shards = Path(cfg.data.shards).resolve()
-        inputs.append({"name": shards.name, "digest": run.manifest_sha256, "source": str(shards)})
-    previous = None
-    if resumed is not None:
-        previous = (rundir.load_tracking(run.out) or {}).get("run_id")
-        tags["mlic.resumed_from"] = str(resumed.checkpoint)
-        if resumed.changed or resumed.restarted_epoch:
-            tags["mlic.resume_changes"] = (resumed.summary() or "none") + (
-                "; epoch restarted from its start" if resumed.restarted_epoch else "")
-    run.tracker.start(flatten(to_dict(cfg)), resume_run_id=previous, tags=tags, inputs=inputs)
-
-
-def _system_metrics(run: Run, resumed) -> SystemMetrics:
-    """MLflow's system metrics, sampled by each node's local rank 0 into the run (rank 0's
-    Tracker creates it; the other nodes read its id from tracking.json in the shared run dir)."""
-    acc, cfg = run.accelerator, run.cfg.tracking
-    nodes = several_nodes(acc)
-    if acc.num_processes > 1:   # every rank: tracking.json names this run before another node reads it
-        acc.wait_for_everyone()
-    leader = acc.local_process_index == 0
-    source = (lambda: run.tracker.run_id) if acc.is_main_process else run_id_from_record(run.out)
-    system = SystemMetrics(cfg if leader else dataclasses.replace(cfg, system_metrics=False), source,
-                           node_id=f"node{node_rank() or acc.process_index}" if nodes else None,
-                           resume=resumed is not None)
-    system.start()
-    return system
-
-
 def train(cfg: Config, epoch_hook: Callable[[dict], None] | None = None) -> dict:
     """Train, select on validation, score val/test with the best weights; returns metrics.json's dict.
 
@@ -502,8 +459,8 @@ def fit(run: Run, epoch_hook: Callable[[dict], None] | None = None) -> dict:
         rundir.write_classes(out, run.classes)
         print(optim.describe_batch(cfg, acc.num_processes), flush=True)
     val_keys, val_labels = read_split_labels(cfg.data.shards, cfg.data.val_split)
-    _start_tracking(run, resumed)
-    system = _system_metrics(run, resumed)
+    start_tracking(run, resumed)
+    system = start_system_metrics(run, resumed)
     status = "FAILED"
     chance_logged = False
     try:
